@@ -3,12 +3,10 @@
 import torch
 from diffusers import UNet2DModel
 
-CIFAR_LAYOUT = dict(
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
-)
-CIFAR10_CONFIG = dict(CIFAR_LAYOUT, sample_size=32, block_out_channels=(128, 256, 256, 256), attention_head_dim=None)
+from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
+
+CIFAR_LAYOUT = {k: v for k, v in DDPM_CIFAR10_CONFIG.items()
+                if k not in ("sample_size", "block_out_channels", "attention_head_dim")}
 LSUN_LAYOUT = dict(
     down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,

@@ -19,8 +19,8 @@ from safetensors.numpy import load_file, save_file
 
 from deme_jax.interop import load_diffusers_unet, save_diffusers_unet
 from deme_jax.interop.torch_pickle import convert_pickle_to_safetensors
-from deme_jax.interop.unet import model_from_config
-from tests.diffusers_util import CIFAR10_CONFIG, CIFAR_LAYOUT, LSUN_CONFIG, LSUN_LAYOUT, random_unet, torch_forward
+from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG, model_from_config
+from tests.diffusers_util import CIFAR_LAYOUT, LSUN_CONFIG, LSUN_LAYOUT, random_unet, torch_forward
 
 CASES = {
     "cifar10_layout_head_dim_null": dict(CIFAR_LAYOUT, sample_size=16, block_out_channels=(32, 64, 64, 64),
@@ -91,14 +91,14 @@ def test_round_trip_is_bit_identical(tmp_path):
         assert as_json(reloaded.config)[key] == value, key
 
 
-@pytest.mark.parametrize("config", [CIFAR10_CONFIG, LSUN_CONFIG], ids=["cifar10_35.7M", "lsun_6_level"])
+@pytest.mark.parametrize("config", [DDPM_CIFAR10_CONFIG, LSUN_CONFIG], ids=["cifar10_35.7M", "lsun_6_level"])
 def test_full_size_models_have_diffusers_parameter_count(config):
     torch.manual_seed(0)
     expected = sum(p.numel() for p in UNet2DModel(**config).parameters())
     model = model_from_config(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == expected
-    if config is CIFAR10_CONFIG:
+    if config is DDPM_CIFAR10_CONFIG:
         assert expected == 35_746_307
 
 

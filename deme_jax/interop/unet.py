@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
+from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D, param_shapes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -44,6 +43,14 @@ FIXED_KEYS = {
     "num_class_embeds": (None,),
 }
 IGNORED_KEYS = ("num_train_timesteps",)  # only read by the "learned" time embedding
+
+# google/ddpm-cifar10-32's UNet: the 35,746,307-parameter DDPM of Ho et al. on CIFAR-10.
+DDPM_CIFAR10_CONFIG = {
+    "sample_size": 32, "block_out_channels": [128, 256, 256, 256], "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "attention_head_dim": None,
+}
 
 # Module lists, "name.N" in PyTorch and "name_N" here.
 LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
@@ -169,10 +176,7 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
 
 def params_from_state_dict(model: UNet2D, state_dict: dict[str, np.ndarray]) -> dict:
     """Maps a PyTorch state dict onto the model's parameter tree, checking every key and shape."""
-    size = 2 ** (len(model.block_out_channels) - 1)  # parameter shapes do not depend on the image size
-    x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    expected = traverse_util.flatten_dict(abstract)
+    expected = traverse_util.flatten_dict(param_shapes(model))
     flat, unexpected = {}, []
     for key, array in state_dict.items():
         path = torch_key_to_path(key)

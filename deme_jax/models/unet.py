@@ -290,3 +290,15 @@ class UNet2D(nn.Module):
 
         h = nn.silu(group_norm(groups, eps, "conv_norm_out", dt)(h))
         return conv3x3(self.out_channels, "conv_out", dt)(h).astype(jnp.float32)
+
+
+def init_params(model: UNet2D, rng: jax.Array) -> dict:
+    """Fresh parameters; their shapes do not depend on the image size, so the smallest valid one is used."""
+    size = 2 ** (len(model.block_out_channels) - 1)
+    x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
+    return model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def param_shapes(model: UNet2D) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computed without allocating."""
+    return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))

@@ -1,0 +1,92 @@
+"""The ``deme`` command: thin wrappers over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from deme_jax.xla_cpu import use_all_cores_for_convolutions
+
+
+def cmd_convert(args) -> None:
+    from deme_jax.interop import convert
+
+    print(f"wrote {convert(args.src, args.dst)}")
+
+
+def cmd_sample(args) -> None:
+    import jax
+    import numpy as np
+
+    from deme_jax import diffusion, interop
+    from deme_jax.images import save_image_grid
+    from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
+    from deme_jax.models import init_params
+
+    if args.model:
+        model, params = interop.load_unet(args.model)
+    else:
+        model = interop.model_from_config(DDPM_CIFAR10_CONFIG)
+        params = init_params(model, jax.random.key(args.seed))
+        print("no --model given: the CIFAR-10 DDPM architecture with random weights (expect noise; "
+              "pass a diffusers directory or an orbax checkpoint with --model)")
+    scheduler = args.scheduler or args.model
+    schedule = interop.load_diffusers_scheduler(scheduler) if scheduler and _has_scheduler(scheduler) \
+        else diffusion.make_schedule()
+    size = model.sample_size or 32
+    rng_noise, rng_steps = jax.random.split(jax.random.key(args.seed))
+    noise = jax.random.normal(rng_noise, (args.num_images, size, size, model.in_channels))
+    n_params = sum(np.size(p) for p in jax.tree_util.tree_leaves(params))
+    print(f"{args.sampler.upper()} sampling {args.num_images} images of {size}x{size} with a "
+          f"{n_params / 1e6:.1f}M-parameter UNet on {jax.devices()[0].platform}...")
+    start = time.perf_counter()
+    if args.sampler == "ddim":
+        images = diffusion.ddim_sample(model, params, schedule, noise, args.steps, args.eta, rng_steps)
+    else:
+        images = diffusion.ddpm_sample(model, params, schedule, noise, rng_steps)
+    images = jax.block_until_ready(images)
+    print(f"done in {time.perf_counter() - start:.1f} s (compilation included); wrote "
+          f"{save_image_grid(images, args.out)}")
+
+
+def _has_scheduler(path) -> bool:
+    from pathlib import Path
+
+    return any((Path(path) / p).is_file() for p in ("scheduler_config.json", "scheduler/scheduler_config.json"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deme", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; .bin/.pt/.pth -> safetensors")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(run=cmd_convert)
+
+    sample = commands.add_parser("sample", help="sample an image grid from a UNet")
+    sample.add_argument("--model", help="diffusers model/pipeline directory or orbax checkpoint")
+    sample.add_argument("--scheduler", help="diffusers scheduler directory (default: the model's pipeline, "
+                                            "else linear betas 1e-4..0.02 over 1000 steps)")
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    sample.add_argument("--num-images", type=int, default=16)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples.png")
+    sample.set_defaults(run=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    use_all_cores_for_convolutions()
+    try:
+        args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"deme {args.command}: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Diffusion processes: noise schedules, forward noising, the epsilon loss, DDPM/DDIM sampling."""
+
+from deme_jax.diffusion.sampling import ddim_sample, ddim_step, ddpm_sample, ddpm_step, inference_timesteps
+from deme_jax.diffusion.schedule import NoiseSchedule, add_noise, epsilon_loss, make_schedule
+
+__all__ = [
+    "NoiseSchedule",
+    "add_noise",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step",
+    "epsilon_loss",
+    "inference_timesteps",
+    "make_schedule",
+]

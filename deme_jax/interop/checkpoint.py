@@ -1,0 +1,49 @@
+"""A UNet2D as an orbax checkpoint: the parameter tree beside its config.
+
+The config is the diffusers ``config.json`` dict (plus ``channel_projection``),
+so a checkpoint converts to a diffusers directory and back without loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from deme_jax.interop.unet import model_from_config, model_to_config
+from deme_jax.models import UNet2D, param_shapes
+
+
+def is_orbax_model(path: str | Path) -> bool:
+    return (Path(path) / "model_config").is_dir() and (Path(path) / "params").is_dir()
+
+
+def save_orbax_unet(model: UNet2D, params: dict, path: str | Path) -> Path:
+    """Writes ``params`` and ``model_config`` items under ``path`` (which must not exist yet)."""
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; orbax never overwrites a checkpoint. Choose a new path.")
+    config = model_to_config(model) | {"channel_projection": model.channel_projection}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(config)))
+    return path
+
+
+def load_orbax_unet(path: str | Path) -> tuple[UNet2D, dict]:
+    """Reads a checkpoint written by :func:`save_orbax_unet` as ``(model, params)``."""
+    path = Path(path).absolute()
+    if not is_orbax_model(path):
+        raise FileNotFoundError(f"No deme_jax model checkpoint at {path}: expected the orbax items "
+                                f"{path / 'params'} and {path / 'model_config'} (write one with `deme convert`).")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        config = checkpointer.restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())).model_config
+        projection = config.pop("channel_projection", False)
+        model = model_from_config(config).clone(channel_projection=projection)
+        abstract = param_shapes(model)
+        try:
+            restored = checkpointer.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"The parameters in {path / 'params'} do not match the model its model_config "
+                             f"describes ({err}); the checkpoint is damaged or was edited.") from err
+    return model, restored.params

@@ -1,0 +1,58 @@
+"""The ``deme`` command end to end: format conversions and sampling."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from PIL import Image
+
+from deme_jax.cli import main
+from deme_jax.interop import load_orbax_unet
+from tests.diffusers_util import CIFAR_LAYOUT, random_unet
+
+TINY = dict(CIFAR_LAYOUT, sample_size=16, block_out_channels=(32, 32, 32, 32), attention_head_dim=None,
+            norm_num_groups=8)
+
+
+def test_convert_diffusers_to_orbax_and_back_is_bit_identical(tmp_path):
+    reference = random_unet(**TINY)
+    reference.save_pretrained(tmp_path / "diffusers")
+    main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "orbax")])
+    model, params = load_orbax_unet(tmp_path / "orbax")
+    assert model.sample_size == 16 and model.attention_head_dim is None
+    main(["convert", str(tmp_path / "orbax"), str(tmp_path / "back")])
+    reloaded = UNet2DModel.from_pretrained(tmp_path / "back").state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, reloaded[key]), key
+
+
+def test_convert_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
+    random_unet(**TINY).save_pretrained(tmp_path / "diffusers")
+    (tmp_path / "orbax").mkdir()
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "orbax")])
+
+
+def test_convert_pickle_to_safetensors(tmp_path):
+    reference = random_unet(**TINY)
+    torch.save(reference.state_dict(), tmp_path / "weights.pt")
+    main(["convert", str(tmp_path / "weights.pt"), str(tmp_path / "weights.safetensors")])
+    from safetensors.torch import load_file
+
+    converted = load_file(tmp_path / "weights.safetensors")
+    assert all(torch.equal(v, converted[k]) for k, v in reference.state_dict().items())
+
+
+def test_sample_grid_from_a_pipeline_directory(tmp_path):
+    random_unet(**TINY).save_pretrained(tmp_path / "pipe" / "unet")
+    DDIMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "pipe" / "scheduler")
+    out = tmp_path / "grid.png"
+    main(["sample", "--model", str(tmp_path / "pipe"), "--steps", "3", "--num-images", "4", "--out", str(out)])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)
+    assert grid.std() > 0
+
+
+def test_sample_names_a_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match=r"No diffusers UNet found at .*nowhere"):
+        main(["sample", "--model", str(tmp_path / "nowhere")])
