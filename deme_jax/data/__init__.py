@@ -1,0 +1,29 @@
+"""Training data: random-access sources and resumable, process-sharded batch streams."""
+
+from deme_jax.data.input_pipeline import default_data_config, heldout_images, make_source, make_stream
+from deme_jax.data.sources import (
+    ArraySource,
+    FolderSource,
+    TfdsSource,
+    fit_image,
+    mnist_digits,
+    mnist_source,
+    mnist_split,
+)
+from deme_jax.data.stream import BatchStream, to_model_range
+
+__all__ = [
+    "ArraySource",
+    "BatchStream",
+    "FolderSource",
+    "TfdsSource",
+    "default_data_config",
+    "fit_image",
+    "heldout_images",
+    "make_source",
+    "make_stream",
+    "mnist_digits",
+    "mnist_source",
+    "mnist_split",
+    "to_model_range",
+]
