@@ -56,8 +56,41 @@ def _has_scheduler(path) -> bool:
     return any((Path(path) / p).is_file() for p in ("scheduler_config.json", "scheduler/scheduler_config.json"))
 
 
+def run_config_command(command: str, argv: list[str]) -> None:
+    """``deme pretrain --config=FILE --workdir=DIR [--config.x.y=v ...]``: absl flags with ml_collections."""
+    from pathlib import Path
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    for arg in argv:  # configs import their base as `from configs import default`
+        if arg.startswith("--config="):
+            sys.path.insert(0, str(Path(arg.split("=", 1)[1]).resolve().parent.parent))
+    if "workdir" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+        flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples; a run resumes there.")
+        flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        from absl import logging
+
+        from deme_jax.train import initialize_from_environment, train_and_evaluate
+
+        # orbax narrates every save at INFO; keep the console for progress and metrics.
+        logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+
+        initialize_from_environment()
+        {"pretrain": train_and_evaluate}[command](flags.FLAGS.config, flags.FLAGS.workdir)
+
+    app.run(run, argv=[f"deme {command}"] + argv)
+
+
+CONFIG_COMMANDS = ("pretrain",)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deme", description=__doc__)
+    parser = argparse.ArgumentParser(prog="deme", description=__doc__,
+                                     epilog="deme pretrain --config=FILE --workdir=DIR: train a DDPM from a config")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; .bin/.pt/.pth -> safetensors")
@@ -80,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     use_all_cores_for_convolutions()
+    if argv and argv[0] in CONFIG_COMMANDS:
+        return run_config_command(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -1,0 +1,87 @@
+"""The jitted training step and the held-out loss, both pure functions of their inputs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deme_jax.diffusion import NoiseSchedule, add_noise, epsilon_loss
+from deme_jax.train.state import TrainState, ema_decay, ema_update
+
+# (rng, batch_size) -> int32 timesteps of shape (batch_size,)
+TimestepSampler = Callable[[jax.Array, int], jax.Array]
+
+
+def uniform_timesteps(num_train_timesteps: int) -> TimestepSampler:
+    return lambda rng, n: jax.random.randint(rng, (n,), 0, num_train_timesteps, jnp.int32)
+
+
+def interval_sums(values: jax.Array, t: jax.Array, num_train_timesteps: int, num_intervals: int):
+    """Sums and counts of per-example values in each of ``num_intervals`` equal timestep intervals."""
+    bucket = t * num_intervals // num_train_timesteps
+    sums = jax.ops.segment_sum(values, bucket, num_intervals)
+    counts = jax.ops.segment_sum(jnp.ones_like(values), bucket, num_intervals)
+    return sums, counts
+
+
+def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
+                    num_intervals: int, sample_timesteps: TimestepSampler | None = None):
+    """Builds ``step(state, images) -> (state, metrics)`` for the denoising objective.
+
+    All randomness comes from ``fold_in(state.rng, state.step)``, drawn for the
+    global batch, so a step gives the same result however the batch is sharded
+    and after a restart. A step whose loss or gradient norm is not finite leaves
+    the state untouched and reports ``nonfinite`` = 1, so no checkpoint ever
+    holds its result.
+    """
+    T = schedule.num_train_timesteps
+    sample_timesteps = sample_timesteps or uniform_timesteps(T)
+
+    def step(state: TrainState, images: jax.Array):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
+        t = sample_timesteps(rng_t, images.shape[0])
+        noise = jax.random.normal(rng_noise, images.shape, images.dtype)
+        x_t = add_noise(schedule, images, noise, t)
+
+        def loss_fn(params):
+            eps = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng_dropout})
+            per_example = epsilon_loss(eps, noise)
+            return per_example.mean(), per_example
+
+        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            ema_params=ema_update(state.ema_params, params, ema_decay(state.step, ema_config)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        sums, counts = interval_sums(per_example, t, T, num_intervals)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32),
+                   "interval_loss_sum": sums, "interval_count": counts}
+        return new_state, metrics
+
+    return step
+
+
+def make_heldout_loss(model, schedule: NoiseSchedule, num_intervals: int):
+    """``loss(params, images, rng) -> (sums, counts)`` per interval, timesteps evenly spread over [0, T).
+
+    Evenly spread timesteps and a fixed ``rng`` make the held-out loss of two
+    models comparable with far less noise than random timesteps.
+    """
+    T = schedule.num_train_timesteps
+
+    def heldout_loss(params, images, rng):
+        n = images.shape[0]
+        t = ((jnp.arange(n) + 0.5) * T / n).astype(jnp.int32)
+        noise = jax.random.normal(rng, images.shape, images.dtype)
+        eps = model.apply({"params": params}, add_noise(schedule, images, noise, t), t)
+        return interval_sums(epsilon_loss(eps, noise), t, T, num_intervals)
+
+    return heldout_loss

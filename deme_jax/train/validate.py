@@ -1,0 +1,89 @@
+"""Checks a training config before anything is compiled, naming the field at fault."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+
+from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what would."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(model) -> None:
+    fields = set(UNet2D.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(model) - fields)
+    require(not unknown, f"config.model has unknown fields {unknown}; UNet2D takes {sorted(fields)}.")
+    channels, groups = list(model.block_out_channels), model.norm_num_groups
+    levels = len(channels)
+    require(len(model.down_block_types) == levels and len(model.up_block_types) == levels,
+            f"config.model.down_block_types and up_block_types need one entry per block_out_channels ({levels}).")
+    for field, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+        bad = [b for b in model[field] if b not in allowed]
+        require(not bad, f"config.model.{field} has {bad}; supported: {list(allowed)}.")
+    bad = [c for c in channels if c % groups]
+    require(not bad, f"config.model.block_out_channels {bad} are not divisible by norm_num_groups={groups}.")
+    head = model.get("attention_head_dim")
+    bad = [c for c in channels if head and c % head]
+    require(not bad, f"config.model.block_out_channels {bad} are not divisible by attention_head_dim={head}.")
+    size = model.sample_size
+    require(size and size % 2 ** (levels - 1) == 0,
+            f"config.model.sample_size={size} must be divisible by 2**{levels - 1} for {levels} levels.")
+    require(model.get("dtype", "float32") in ("float32", "bfloat16"),
+            f"config.model.dtype={model.get('dtype')!r}: use 'float32' or 'bfloat16'.")
+
+
+def validate_config(config, workdir) -> None:
+    train, optim, ema = config.train, config.optim, config.ema
+    require(train.num_steps > 0, f"config.train.num_steps={train.num_steps} must be > 0.")
+    require(train.batch_size > 0, f"config.train.batch_size={train.batch_size} must be > 0.")
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    require(train.batch_size % n_dev == 0,
+            f"config.train.batch_size={train.batch_size} is not divisible by the {n_dev} devices; "
+            f"use a multiple of {n_dev}.")
+    require(train.batch_size % n_proc == 0,
+            f"config.train.batch_size={train.batch_size} is not divisible by the {n_proc} processes.")
+    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        require(train[field] > 0, f"config.train.{field}={train[field]} must be > 0.")
+    require(train.loss_intervals > 0, f"config.train.loss_intervals={train.loss_intervals} must be > 0.")
+    require(optim.lr > 0, f"config.optim.lr={optim.lr} must be > 0.")
+    require(optim.schedule in ("constant", "cosine"), f"config.optim.schedule={optim.schedule!r}: use "
+                                                      "'constant' or 'cosine'.")
+    require(optim.warmup_steps >= 0, f"config.optim.warmup_steps={optim.warmup_steps} must be >= 0.")
+    require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f"config.optim.b1={optim.b1}, b2={optim.b2} must be in [0, 1).")
+    require(optim.weight_decay >= 0, f"config.optim.weight_decay={optim.weight_decay} must be >= 0.")
+    require(optim.grad_clip >= 0, f"config.optim.grad_clip={optim.grad_clip} must be >= 0 (0 turns it off).")
+    require(0 <= ema.max_decay < 1, f"config.ema.max_decay={ema.max_decay} must be in [0, 1).")
+    require(ema.inv_gamma > 0 and ema.power > 0, "config.ema.inv_gamma and config.ema.power must be > 0.")
+    require(config.diffusion.num_train_timesteps >= train.loss_intervals,
+            f"config.diffusion.num_train_timesteps={config.diffusion.num_train_timesteps} is smaller than "
+            f"config.train.loss_intervals={train.loss_intervals}.")
+    require(config.data.image_size == config.model.sample_size,
+            f"config.data.image_size={config.data.image_size} differs from config.model.sample_size="
+            f"{config.model.sample_size}; set both to the image size the model is trained on.")
+    require(config.data.channels == config.model.in_channels == config.model.out_channels,
+            f"config.data.channels={config.data.channels} must equal config.model.in_channels and out_channels.")
+    validate_model(config.model)
+    check_workdir(workdir)
+
+
+def check_workdir(workdir) -> None:
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--workdir={workdir} is not writable ({err.strerror}); choose a directory you can "
+                          "write to.") from err
+    require(os.access(path, os.W_OK), f"--workdir={workdir} is not writable.")

@@ -1,0 +1,234 @@
+"""The training engine: EMA and schedule arithmetic, exact resume, preemption, devices, processes, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from ml_collections import ConfigDict
+
+from deme_jax.models import init_params
+from deme_jax.train import ConfigError, NonFiniteLossError, build_model, train_and_evaluate
+from deme_jax.train.state import create_train_state, ema_decay, ema_update, learning_rate_schedule, make_optimizer
+from tests import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "tests" / "tiny_config.py")
+
+
+def test_ema_decay_by_hand():
+    ema = ConfigDict(dict(max_decay=0.9999, inv_gamma=1.0, power=0.75))
+    for step in (0, 1, 10, 10_000_000):
+        expected = min(0.9999, 1 - (1 + step) ** -0.75)
+        assert float(ema_decay(jnp.int32(step), ema)) == pytest.approx(expected, rel=1e-6)
+    assert float(ema_decay(jnp.int32(0), ema)) == 0.0  # the first update copies the parameters
+    new = ema_update({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 2.0])}, jnp.float32(0.75))
+    np.testing.assert_allclose(new["w"], [1.5, 2.0])
+
+
+def test_learning_rate_warmup_then_cosine():
+    optim = ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=10, decay_steps=110, final_lr_fraction=0.1))
+    lr = learning_rate_schedule(optim)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+    assert float(lr(110)) == pytest.approx(0.1, rel=1e-5)
+
+
+def deme(args, env=None, log=None):
+    """Runs the real `deme` command in a fresh process (output to ``log``, else a pipe)."""
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "deme_jax.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def final_params(workdir):
+    """The newest checkpoint's parameters, read with orbax as numpy arrays."""
+    manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=("state",))
+    step = manager.latest_step()
+    config, key = tiny_config.get_config(), jax.random.key(0)
+    model, optimizer = build_model(config.model), make_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda: create_train_state(init_params(model, key), optimizer, key))
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology wrote it
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), abstract)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager.close()
+    return step, jax.tree_util.tree_map(np.asarray, {"params": state.params, "ema": state.ema_params})
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run, through the same command (and so the same XLA flags) as the runs compared with it."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run = deme(["pretrain", f"--config={CONFIG}", f"--workdir={workdir}"])
+    out = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, out[-5000:]
+    return workdir
+
+
+def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
+    workdir = uninterrupted
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == list(range(4, 41, 4))
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 40
+    assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_0000020.png", "step_0000040.png"]
+    assert list(workdir.glob("events.out.tfevents.*"))
+
+
+def wait_for_checkpoint(workdir: Path, step: int, process, timeout=180):
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
+    """A run stopped part-way and started again ends with the uninterrupted run's parameters, bit for bit."""
+    args = ["pretrain", f"--config={CONFIG}", f"--workdir={tmp_path}"]
+    first = deme(args)
+    wait_for_checkpoint(tmp_path, 4, first)
+    first.send_signal(sig)
+    out = first.communicate(timeout=120)[0]
+    if sig == signal.SIGKILL:
+        assert first.returncode == -signal.SIGKILL
+    else:
+        assert first.returncode == 0, out
+        assert "SIGTERM" in out
+        stopped_at, _ = final_params(tmp_path)
+        assert 4 <= stopped_at < 40
+    second = deme(args)
+    out = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, out
+    step, params = final_params(tmp_path)
+    assert step == 40
+    assert_trees_equal(params, final_params(uninterrupted)[1])
+
+
+def test_eight_devices_give_the_losses_of_one(tmp_path):
+    script = (
+        "import json, sys; from deme_jax.train import train_and_evaluate; from tests import tiny_config\n"
+        "import jax; c = tiny_config.get_config(); c.train.num_steps = 4; c.train.log_every = 1\n"
+        "c.train.eval_every = c.train.sample_every = 0; c.mesh.fsdp = sys.argv[2] == 'fsdp'\n"
+        "s = train_and_evaluate(c, sys.argv[1])\n"
+        "print(json.dumps({'devices': jax.device_count(), 'w': float(abs(s.params['conv_in']['kernel']).sum())}))"
+    )
+    results = {}
+    for name, flags, mode in (("one", "", "dp"), ("eight", "--xla_force_host_platform_device_count=8", "dp"),
+                              ("eight_fsdp", "--xla_force_host_platform_device_count=8", "fsdp")):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), mode], cwd=ROOT,
+                              env={**os.environ, "XLA_FLAGS": flags}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name]["loss"] = read_scalars(tmp_path / name, "train/loss")
+    assert results["one"]["devices"] == 1 and results["eight"]["devices"] == 8
+    for other in ("eight", "eight_fsdp"):
+        np.testing.assert_allclose(results[other]["loss"], results["one"]["loss"], rtol=1e-5)
+        assert results[other]["w"] == pytest.approx(results["one"]["w"], rel=1e-5)
+
+
+def read_scalars(workdir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [float(jax.numpy.asarray(tf_tensor_value(e))) for e in acc.Tensors(tag)]
+
+
+def tf_tensor_value(event):
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(uninterrupted, tmp_path):
+    """Two processes on localhost (one CPU device each, gloo) compute the one-process parameters."""
+    port = free_port()
+    args = ["pretrain", f"--config={CONFIG}", f"--workdir={tmp_path}"]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files: a full pipe would block a process
+    procs = [deme(args, env={"DEME_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DEME_NUM_PROCESSES": "2",
+                             "DEME_PROCESS_ID": str(i)}, log=logs[i]) for i in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=420)  # collectives can hang: a hard limit
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "".join(log.read_text()[-3000:] for log in logs)
+    step, params = final_params(tmp_path)
+    assert step == 40
+    np.testing.assert_allclose(read_scalars(tmp_path, "train/loss"), read_scalars(uninterrupted, "train/loss"),
+                               rtol=1e-5)
+    # The all-reduce sums gradients in another order, so the runs differ by float rounding. Adam turns the
+    # rounding noise of gradients that are exactly zero in theory (attention key biases, which softmax
+    # ignores) into lr-sized steps, so those few leaves wander; the parameter vector as a whole agrees.
+    flat = lambda tree: np.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+    ours, expected = flat(params), flat(final_params(uninterrupted)[1])
+    assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.name", "no_such_dataset", "no_such_dataset"),
+    ("optim.lr", 0.0, r"config\.optim\.lr=0\.0 must be > 0"),
+    ("train.batch_size", 0, r"config\.train\.batch_size=0 must be > 0"),
+    ("model.norm_num_groups", 5, r"not divisible by norm_num_groups=5"),
+    ("data.image_size", 28, r"config\.data\.image_size=28 differs from config\.model\.sample_size"),
+])
+def test_bad_config_names_the_field(tmp_path, field, value, message):
+    config = tiny_config.get_config()
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unwritable_workdir(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"--workdir=.*a_file/run is not writable"):
+        train_and_evaluate(tiny_config.get_config(), tmp_path / "a_file" / "run")
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    script = ("from deme_jax.train import train_and_evaluate; from tests import tiny_config\n"
+              "c = tiny_config.get_config(); c.train.batch_size = 12; train_and_evaluate(c, '%s')" % tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert "config.train.batch_size=12 is not divisible by the 8 devices" in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config.get_config()
+    config.train.update(dict(num_steps=4, checkpoint_every=2, eval_every=0, sample_every=0))
+    train_and_evaluate(config, tmp_path)
+    good_step, good = final_params(tmp_path)
+    config.train.num_steps = 40
+    config.optim.update(dict(lr=1e6, grad_clip=0.0, warmup_steps=0, schedule="constant"))  # diverges at once
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step \d+.*last good checkpoint \(step 4\)"):
+        train_and_evaluate(config, tmp_path)
+    step, params = final_params(tmp_path)
+    assert step == good_step == 4
+    assert_trees_equal(params, good)
