@@ -19,9 +19,9 @@ def get_config():
         layers_per_block=1, norm_num_groups=8, dropout=0.0,
     ))
     config.data.update(dict(name="mnist", image_size=32, channels=1, random_flip=False))
-    config.train.update(dict(batch_size=64, num_steps=3_000, log_every=50, checkpoint_every=500, eval_every=500,
-                             sample_every=1_000))
-    config.optim.update(dict(lr=1e-3, schedule="cosine", warmup_steps=100, decay_steps=3_000,
+    config.train.update(dict(batch_size=32, num_steps=2_000, log_every=50, checkpoint_every=250, eval_every=250,
+                             sample_every=500))
+    config.optim.update(dict(lr=1e-3, schedule="cosine", warmup_steps=100, decay_steps=2_000,
                              final_lr_fraction=0.05))
     config.ema.max_decay = 0.999
     config.eval.num_images = 256

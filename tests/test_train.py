@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -158,29 +157,24 @@ def tf_tensor_value(event):
     return tf.make_ndarray(event.tensor_proto)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(uninterrupted, tmp_path):
-    """Two processes on localhost (one CPU device each, gloo) compute the one-process parameters."""
-    port = free_port()
-    args = ["pretrain", f"--config={CONFIG}", f"--workdir={tmp_path}"]
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files: a full pipe would block a process
-    procs = [deme(args, env={"DEME_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DEME_NUM_PROCESSES": "2",
-                             "DEME_PROCESS_ID": str(i)}, log=logs[i]) for i in range(2)]
+    """Two processes on localhost (one CPU device each, gloo), started by launch/local.sh, compute the
+    one-process run."""
+    launcher = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "local.sh"), "2", sys.executable, "-m", "deme_jax.cli", "pretrain",
+         f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, env={**os.environ, "DEME_LOG_DIR": str(tmp_path)})  # logs in files: a full pipe blocks
     try:
-        for p in procs:
-            p.wait(timeout=420)  # collectives can hang: a hard limit
+        launcher.wait(timeout=420)  # collectives can hang: a hard limit
     finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "".join(log.read_text()[-3000:] for log in logs)
-    step, params = final_params(tmp_path)
+        launcher.terminate()
+    logs = "".join((tmp_path / f"process_{i}.log").read_text()[-3000:] for i in range(2))
+    assert launcher.returncode == 0, logs
+    assert "Connecting to JAX distributed service" in logs
+    run = tmp_path / "run"
+    step, params = final_params(run)
     assert step == 40
-    np.testing.assert_allclose(read_scalars(tmp_path, "train/loss"), read_scalars(uninterrupted, "train/loss"),
+    np.testing.assert_allclose(read_scalars(run, "train/loss"), read_scalars(uninterrupted, "train/loss"),
                                rtol=1e-5)
     # The all-reduce sums gradients in another order, so the runs differ by float rounding. Adam turns the
     # rounding noise of gradients that are exactly zero in theory (attention key biases, which softmax

@@ -2,7 +2,8 @@
 
 ``launch/local.sh`` sets ``DEME_COORDINATOR_ADDRESS``, ``DEME_NUM_PROCESSES`` and
 ``DEME_PROCESS_ID`` for processes on one machine (CPU collectives over gloo).
-On SLURM and Cloud TPU VMs JAX finds its peers itself.
+``launch/slurm.sbatch`` and ``launch/tpu_pod.sh`` set ``DEME_DISTRIBUTED=1``:
+on SLURM and Cloud TPU VMs JAX finds its peers itself.
 """
 
 from __future__ import annotations
@@ -21,5 +22,5 @@ def initialize_from_environment() -> None:
             num_processes=int(os.environ["DEME_NUM_PROCESSES"]),
             process_id=int(os.environ["DEME_PROCESS_ID"]),
         )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
+    elif os.environ.get("DEME_DISTRIBUTED") == "1":
         jax.distributed.initialize()

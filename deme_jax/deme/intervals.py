@@ -1,0 +1,202 @@
+"""Timestep intervals: partitions of [0, T) into N replicas' intervals, and the interval sampler.
+
+A partition is a numpy int64 array of N + 1 strictly increasing boundaries
+``[0, b1, ..., T]``; replica ``i`` owns the timesteps ``[boundaries[i],
+boundaries[i + 1])``, so replicas are ordered from small t (fine detail) to
+large t (coarse content).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARTITION_RULES = ("uniform", "log_snr", "explicit")
+
+
+def _check_counts(num_timesteps: int, num_intervals: int) -> None:
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
+    if num_intervals < 1:
+        raise ValueError(f"num_intervals={num_intervals} must be >= 1")
+    if num_intervals > num_timesteps:
+        raise ValueError(
+            f"num_intervals={num_intervals} > num_timesteps={num_timesteps}: some interval would be empty"
+        )
+
+
+def uniform_partition(num_timesteps: int, num_intervals: int) -> np.ndarray:
+    """N intervals of equal width.
+
+    When T is not a multiple of N the widths differ by at most one: the first
+    ``T % N`` intervals (the smallest timesteps) get one extra timestep, as
+    ``np.array_split`` does.
+    """
+    _check_counts(num_timesteps, num_intervals)
+    base, extra = divmod(num_timesteps, num_intervals)
+    widths = np.full(num_intervals, base, np.int64)
+    widths[:extra] += 1
+    return np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+
+
+def _format_interval(low, high) -> str:
+    return f"[{low}, {high})"
+
+
+def explicit_partition(num_timesteps: int, boundaries: Sequence) -> np.ndarray:
+    """Validates a user's partition and returns it as N + 1 boundaries.
+
+    ``boundaries`` is either the N + 1 boundaries ``[0, b1, ..., T]`` or N
+    ``[low, high)`` pairs listed from small to large t. The intervals must be
+    non-empty, must not overlap, must leave no timestep out and must cover
+    exactly [0, T).
+    """
+    values = np.asarray(boundaries)
+    if values.size == 0:
+        raise ValueError("boundaries is empty: give N + 1 boundaries from 0 to T or N [low, high) pairs")
+    if not np.issubdtype(values.dtype, np.integer):
+        if not (np.issubdtype(values.dtype, np.number) and np.all(values == np.round(values))):
+            raise ValueError(f"boundaries must be integer timesteps, got {boundaries!r}")
+        values = values.astype(np.int64)
+    T = num_timesteps
+    if values.ndim == 1:
+        if len(values) < 2:
+            raise ValueError(f"boundaries={values.tolist()} needs at least 2 entries (0 and T={T})")
+        lows, highs = values[:-1], values[1:]
+    elif values.ndim == 2 and values.shape[1] == 2:
+        lows, highs = values[:, 0], values[:, 1]
+    else:
+        raise ValueError(
+            f"boundaries of shape {values.shape}: give N + 1 boundaries or N [low, high) pairs"
+        )
+    _check_counts(T, len(lows))
+    for low, high in zip(lows, highs):
+        if high <= low:
+            raise ValueError(
+                f"interval {_format_interval(low, high)} is empty: each interval's low must be below its high"
+            )
+    if lows[0] != 0:
+        raise ValueError(f"the partition must start at 0, but the first interval starts at {lows[0]}")
+    if highs[-1] != T:
+        raise ValueError(f"the partition must end at T={T}, but the last interval ends at {highs[-1]}")
+    for i in range(1, len(lows)):
+        prev, cur = _format_interval(lows[i - 1], highs[i - 1]), _format_interval(lows[i], highs[i])
+        if lows[i] < highs[i - 1]:
+            raise ValueError(f"intervals {prev} and {cur} overlap (or are listed out of order)")
+        if lows[i] > highs[i - 1]:
+            raise ValueError(
+                f"gap between {prev} and {cur}: timesteps {_format_interval(highs[i - 1], lows[i])} "
+                "belong to no interval"
+            )
+    return np.concatenate([lows, highs[-1:]]).astype(np.int64)
+
+
+def log_snr(alphas_cumprod) -> np.ndarray:
+    """log(abar / (1 - abar)) in float64, monotone decreasing in t."""
+    abar = np.asarray(alphas_cumprod, np.float64)
+    return np.log(abar) - np.log1p(-abar)
+
+
+def log_snr_partition(alphas_cumprod, num_intervals: int) -> np.ndarray:
+    """N intervals that each span an equal range of log-SNR.
+
+    The linear schedule spends most of its timesteps at low SNR, where the
+    content is coarse; slicing log-SNR, not t, into equal ranges gives the
+    high-SNR, fine-detail regime more, narrower intervals. The range
+    [lambda(T - 1), lambda(0)] is cut into N equal slices and interval k holds
+    the timesteps whose log-SNR falls in slice k (the upper end closed), so
+    each interval's log-SNR span matches the others' to within one
+    timestep's step in log-SNR. A slice that holds no timestep (many
+    intervals, a steep schedule) borrows one from its neighbour, so every
+    interval is non-empty.
+    """
+    abar = np.asarray(alphas_cumprod, np.float64)
+    if abar.ndim != 1:
+        raise ValueError(f"alphas_cumprod must be 1-D, got shape {abar.shape}")
+    T = len(abar)
+    _check_counts(T, num_intervals)
+    if not np.all((abar > 0) & (abar < 1)):
+        raise ValueError("alphas_cumprod must lie strictly between 0 and 1 for log-SNR to be finite")
+    lam = log_snr(abar)
+    if np.any(np.diff(lam) > 0):
+        raise ValueError("alphas_cumprod must be non-increasing in t")
+    levels = lam[0] + (lam[-1] - lam[0]) * np.arange(1, num_intervals) / num_intervals
+    inner = [int(np.sum(lam > level)) for level in levels]
+    bounds = np.array([0, *inner, T], np.int64)
+    for k in range(1, num_intervals):
+        bounds[k] = max(bounds[k], bounds[k - 1] + 1)
+    for k in range(num_intervals - 1, 0, -1):
+        bounds[k] = min(bounds[k], bounds[k + 1] - 1)
+    return bounds
+
+
+def make_partition(num_timesteps: int, num_intervals: int, rule: str = "uniform", boundaries=None,
+                   alphas_cumprod=None) -> np.ndarray:
+    """The partition a config asks for: ``boundaries`` when given, else ``rule``."""
+    if rule not in PARTITION_RULES:
+        raise ValueError(
+            f"rule={rule!r} is not supported; supported values: " + ", ".join(map(repr, PARTITION_RULES))
+        )
+    _check_counts(num_timesteps, num_intervals)
+    if boundaries is not None or rule == "explicit":
+        if boundaries is None:
+            raise ValueError("rule='explicit' needs boundaries")
+        if rule == "log_snr":
+            raise ValueError("give either boundaries or rule='log_snr', not both")
+        partition = explicit_partition(num_timesteps, boundaries)
+        if len(partition) - 1 != num_intervals:
+            raise ValueError(
+                f"boundaries define {len(partition) - 1} intervals but num_intervals={num_intervals}"
+            )
+        return partition
+    if rule == "log_snr":
+        if alphas_cumprod is None:
+            raise ValueError("rule='log_snr' needs alphas_cumprod")
+        if len(alphas_cumprod) != num_timesteps:
+            raise ValueError(
+                f"alphas_cumprod has {len(alphas_cumprod)} entries but num_timesteps={num_timesteps}"
+            )
+        return log_snr_partition(alphas_cumprod, num_intervals)
+    return uniform_partition(num_timesteps, num_intervals)
+
+
+def check_global_prob(global_prob) -> None:
+    """Raises unless the global sampling probability p lies in [0, 1]; call it outside jit."""
+    if not 0.0 <= float(global_prob) <= 1.0:
+        raise ValueError(f"global_prob (p) = {global_prob} must lie in [0, 1]")
+
+
+def interval_timesteps(rng: jax.Array, batch_size: int, low, high, num_timesteps, global_prob) -> jax.Array:
+    """Antithetic int32 timesteps of shape (B,) for one replica's batch.
+
+    With probability ``global_prob`` the whole batch draws from [0, T), which
+    keeps the replica from forgetting the other intervals; otherwise from its
+    own [low, high). ``B // 2 + 1`` timesteps t are drawn uniformly and followed
+    by their mirrors ``low + high - 1 - t`` (``T - 1 - t`` globally), and the
+    first B are kept, so the batch covers both ends of the range evenly.
+
+    ``low``, ``high`` and ``global_prob`` may be traced: vmap over stacked
+    bounds and per-replica rngs to sample all replicas at once.
+    ``batch_size`` is static.
+    """
+    if isinstance(global_prob, (int, float)):
+        check_global_prob(global_prob)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    rng_global, rng_t = jax.random.split(rng)
+    use_global = jax.random.uniform(rng_global) < global_prob
+    lo = jnp.where(use_global, 0, low).astype(jnp.int32)
+    hi = jnp.where(use_global, num_timesteps, high).astype(jnp.int32)
+    t = jax.random.randint(rng_t, (batch_size // 2 + 1,), lo, hi, jnp.int32)
+    return jnp.concatenate([t, lo + hi - 1 - t])[:batch_size]
+
+
+def replica_timesteps(rng: jax.Array, batch_size: int, boundaries, global_prob) -> jax.Array:
+    """int32 timesteps of shape (N, B): replica i samples its own interval with its own rng."""
+    boundaries = jnp.asarray(boundaries, jnp.int32)
+    rngs = jax.random.split(rng, len(boundaries) - 1)
+    sample = lambda r, low, high: interval_timesteps(r, batch_size, low, high, boundaries[-1], global_prob)
+    return jax.vmap(sample)(rngs, boundaries[:-1], boundaries[1:])
