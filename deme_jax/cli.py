@@ -72,12 +72,15 @@ def run_config_command(command: str, argv: list[str]) -> None:
         flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
-        from absl import logging
+        import logging
+
+        from absl import logging as absl_logging
 
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
         # orbax narrates every save at INFO; keep the console for progress and metrics.
-        logging.get_absl_logger().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+        absl_logging.get_absl_handler().addFilter(
+            lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
 
         initialize_from_environment()
         {"pretrain": train_and_evaluate}[command](flags.FLAGS.config, flags.FLAGS.workdir)

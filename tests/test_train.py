@@ -168,9 +168,9 @@ def test_two_processes_match_one(uninterrupted, tmp_path):
         launcher.wait(timeout=420)  # collectives can hang: a hard limit
     finally:
         launcher.terminate()
-    logs = "".join((tmp_path / f"process_{i}.log").read_text()[-3000:] for i in range(2))
-    assert launcher.returncode == 0, logs
-    assert "Connecting to JAX distributed service" in logs
+    logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+    assert launcher.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    assert all("Connecting to JAX distributed service" in log for log in logs)
     run = tmp_path / "run"
     step, params = final_params(run)
     assert step == 40
@@ -182,6 +182,17 @@ def test_two_processes_match_one(uninterrupted, tmp_path):
     flat = lambda tree: np.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
     ours, expected = flat(params), flat(final_params(uninterrupted)[1])
     assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    config = tiny_config.get_config()
+    config.model.dtype = "bfloat16"
+    config.train.update(dict(num_steps=3, eval_every=0, sample_every=0))
+    state = train_and_evaluate(config, tmp_path)
+    leaves = jax.tree_util.tree_leaves((state.params, state.ema_params))
+    assert all(x.dtype == jnp.float32 for x in leaves)
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    assert np.isfinite(read_scalars(tmp_path, "train/loss")).all()
 
 
 @pytest.mark.parametrize("field,value,message", [
