@@ -9,10 +9,26 @@ import time
 from deme_jax.xla_cpu import use_all_cores_for_convolutions
 
 
-def cmd_convert(args) -> None:
-    from deme_jax.interop import convert
+def load_model(path):
+    """A UNet from a training workdir (its latest EMA parameters), an orbax checkpoint or a diffusers dir."""
+    from deme_jax import interop
+    from deme_jax.train.checkpoints import is_training_workdir, load_trained_unet
 
-    print(f"wrote {convert(args.src, args.dst)}")
+    if is_training_workdir(path):
+        model, params, step = load_trained_unet(path)
+        print(f"{path}: the EMA parameters of step {step}")
+        return model, params
+    return interop.load_unet(path)
+
+
+def cmd_convert(args) -> None:
+    from deme_jax import interop
+    from deme_jax.train.checkpoints import is_training_workdir
+
+    if is_training_workdir(args.src):
+        print(f"wrote {interop.save_orbax_unet(*load_model(args.src), args.dst)}")
+    else:
+        print(f"wrote {interop.convert(args.src, args.dst)}")
 
 
 def cmd_sample(args) -> None:
@@ -25,15 +41,13 @@ def cmd_sample(args) -> None:
     from deme_jax.models import init_params
 
     if args.model:
-        model, params = interop.load_unet(args.model)
+        model, params = load_model(args.model)
     else:
         model = interop.model_from_config(DDPM_CIFAR10_CONFIG)
         params = init_params(model, jax.random.key(args.seed))
         print("no --model given: the CIFAR-10 DDPM architecture with random weights (expect noise; "
               "pass a diffusers directory or an orbax checkpoint with --model)")
-    scheduler = args.scheduler or args.model
-    schedule = interop.load_diffusers_scheduler(scheduler) if scheduler and _has_scheduler(scheduler) \
-        else diffusion.make_schedule()
+    schedule = load_schedule(args.scheduler or args.model)
     size = model.sample_size or 32
     rng_noise, rng_steps = jax.random.split(jax.random.key(args.seed))
     noise = jax.random.normal(rng_noise, (args.num_images, size, size, model.in_channels))
@@ -50,10 +64,19 @@ def cmd_sample(args) -> None:
           f"{save_image_grid(images, args.out)}")
 
 
-def _has_scheduler(path) -> bool:
+def load_schedule(path):
+    """A training workdir's schedule, a diffusers scheduler's, else DDPM's linear 1e-4..0.02 over 1000 steps."""
+    import json
     from pathlib import Path
 
-    return any((Path(path) / p).is_file() for p in ("scheduler_config.json", "scheduler/scheduler_config.json"))
+    from deme_jax import diffusion, interop
+    from deme_jax.train.checkpoints import is_training_workdir
+
+    if path and is_training_workdir(path):
+        return diffusion.make_schedule(**json.loads((Path(path) / "config.json").read_text())["diffusion"])
+    if path and any((Path(path) / p).is_file() for p in ("scheduler_config.json", "scheduler/scheduler_config.json")):
+        return interop.load_diffusers_scheduler(path)
+    return diffusion.make_schedule()
 
 
 def run_config_command(command: str, argv: list[str]) -> None:
@@ -96,13 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="deme pretrain --config=FILE --workdir=DIR: train a DDPM from a config")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; .bin/.pt/.pth -> safetensors")
+    convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; training workdir -> orbax "
+                                                  "checkpoint (EMA weights); .bin/.pt/.pth -> safetensors")
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.set_defaults(run=cmd_convert)
 
     sample = commands.add_parser("sample", help="sample an image grid from a UNet")
-    sample.add_argument("--model", help="diffusers model/pipeline directory or orbax checkpoint")
+    sample.add_argument("--model", help="diffusers model/pipeline directory, orbax checkpoint or training workdir")
     sample.add_argument("--scheduler", help="diffusers scheduler directory (default: the model's pipeline, "
                                             "else linear betas 1e-4..0.02 over 1000 steps)")
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")

@@ -1,5 +1,6 @@
 """The ``deme`` command end to end: format conversions and sampling."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -56,3 +57,20 @@ def test_sample_grid_from_a_pipeline_directory(tmp_path):
 def test_sample_names_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match=r"No diffusers UNet found at .*nowhere"):
         main(["sample", "--model", str(tmp_path / "nowhere")])
+
+
+def test_training_workdir_exports_its_ema_weights_and_samples(tmp_path):
+    from deme_jax.train import train_and_evaluate
+    from tests import tiny_config
+
+    config = tiny_config.get_config()
+    config.train.update(dict(num_steps=2, checkpoint_every=2, eval_every=0, sample_every=0))
+    state = train_and_evaluate(config, tmp_path / "run")
+    main(["convert", str(tmp_path / "run"), str(tmp_path / "export")])
+    model, params = load_orbax_unet(tmp_path / "export")
+    assert model.block_out_channels == (16, 32) and model.in_channels == 1
+    for ours, ema in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.ema_params)):
+        np.testing.assert_array_equal(ours, ema)
+    main(["sample", "--model", str(tmp_path / "run"), "--steps", "2", "--num-images", "1",
+          "--out", str(tmp_path / "grid.png")])
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (36, 36)

@@ -10,14 +10,17 @@ from deme_jax.deme.intervals import (
     replica_timesteps,
     uniform_partition,
 )
+from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
 
 __all__ = [
     "check_global_prob",
+    "deme_loss",
     "explicit_partition",
     "interval_timesteps",
     "log_snr",
     "log_snr_partition",
     "make_partition",
     "replica_timesteps",
+    "uncertainty_weighted_loss",
     "uniform_partition",
 ]

@@ -2,6 +2,7 @@
 
 from deme_jax.diffusion.sampling import ddim_sample, ddim_step, ddpm_sample, ddpm_step, inference_timesteps
 from deme_jax.diffusion.schedule import NoiseSchedule, add_noise, epsilon_loss, make_schedule
+from deme_jax.diffusion.weighting import min_snr_weight, p2_weight, snr
 
 __all__ = [
     "NoiseSchedule",
@@ -13,4 +14,7 @@ __all__ = [
     "epsilon_loss",
     "inference_timesteps",
     "make_schedule",
+    "min_snr_weight",
+    "p2_weight",
+    "snr",
 ]

@@ -45,3 +45,36 @@ class Checkpoints:
 def abstract_with_shardings(abstract_state, shardings):
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+def is_training_workdir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
+def load_trained_unet(workdir: str | Path, step: int | None = None):
+    """``(model, ema_params, step)`` from a training workdir's latest (or given) checkpoint.
+
+    The EMA parameters are what a run is evaluated and exported with.
+    """
+    import json
+
+    from ml_collections import ConfigDict
+
+    from deme_jax.models import init_params
+    from deme_jax.train.loop import build_model
+    from deme_jax.train.state import create_train_state, make_optimizer
+
+    workdir = Path(workdir)
+    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    model, optimizer = build_model(config.model), make_optimizer(config.optim)
+    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
+    key = jax.random.key(0)
+    abstract = jax.eval_shape(lambda: create_train_state(init_params(model, key), optimizer, key))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state, _ = checkpoints.restore(step, jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
+    checkpoints.close()
+    return model, state.ema_params, step
