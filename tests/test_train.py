@@ -237,3 +237,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step, params = final_params(tmp_path)
     assert step == good_step == 4
     assert_trees_equal(params, good)
+
+
+@pytest.mark.parametrize("name", ["default", "mnist_tiny", "cifar10_ddpm", "church_ddpm"])
+def test_shipped_configs_are_valid(name, tmp_path):
+    import importlib
+
+    from deme_jax.train import validate_config
+
+    validate_config(importlib.import_module(f"configs.{name}").get_config(), tmp_path)
