@@ -11,12 +11,18 @@ import optax
 from deme_jax.diffusion import NoiseSchedule, add_noise, epsilon_loss
 from deme_jax.train.state import TrainState, ema_decay, ema_update
 
-# (rng, batch_size) -> int32 timesteps of shape (batch_size,)
-TimestepSampler = Callable[[jax.Array, int], jax.Array]
+# (rng, batch_size, task) -> int32 timesteps of shape (batch_size,)
+TimestepSampler = Callable[[jax.Array, int, object], jax.Array]
+# (eps_pred, noise, x_t, t, task) -> per-example loss of shape (batch_size,)
+PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, object], jax.Array]
 
 
 def uniform_timesteps(num_train_timesteps: int) -> TimestepSampler:
-    return lambda rng, n: jax.random.randint(rng, (n,), 0, num_train_timesteps, jnp.int32)
+    return lambda rng, n, task: jax.random.randint(rng, (n,), 0, num_train_timesteps, jnp.int32)
+
+
+def denoising_loss(eps, noise, x_t, t, task):
+    return epsilon_loss(eps, noise)
 
 
 def interval_sums(values: jax.Array, t: jax.Array, num_train_timesteps: int, num_intervals: int):
@@ -28,8 +34,12 @@ def interval_sums(values: jax.Array, t: jax.Array, num_train_timesteps: int, num
 
 
 def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
-                    num_intervals: int, sample_timesteps: TimestepSampler | None = None):
-    """Builds ``step(state, images) -> (state, metrics)`` for the denoising objective.
+                    num_intervals: int, sample_timesteps: TimestepSampler | None = None,
+                    per_example_loss: PerExampleLoss = denoising_loss):
+    """Builds ``step(state, images, task=None) -> (state, metrics)``; by default the DDPM objective.
+
+    ``task`` (any pytree) reaches the timestep sampler and the loss: DeMe passes
+    each replica's interval and the frozen teacher there, and vmaps the step.
 
     All randomness comes from ``fold_in(state.rng, state.step)``, drawn for the
     global batch, so a step gives the same result however the batch is sharded
@@ -40,16 +50,16 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     T = schedule.num_train_timesteps
     sample_timesteps = sample_timesteps or uniform_timesteps(T)
 
-    def step(state: TrainState, images: jax.Array):
+    def step(state: TrainState, images: jax.Array, task=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-        t = sample_timesteps(rng_t, images.shape[0])
+        t = sample_timesteps(rng_t, images.shape[0], task)
         noise = jax.random.normal(rng_noise, images.shape, images.dtype)
         x_t = add_noise(schedule, images, noise, t)
 
         def loss_fn(params):
             eps = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng_dropout})
-            per_example = epsilon_loss(eps, noise)
+            per_example = per_example_loss(eps, noise, x_t, t, task)
             return per_example.mean(), per_example
 
         (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,0 +1,71 @@
+"""N replicas of the pretrained model as one stacked pytree, trained by one vmapped step.
+
+Every leaf gets a leading replica axis; replica ``i`` owns timestep interval
+``[boundaries[i], boundaries[i + 1])``, its own rng, optimiser state and EMA.
+The frozen teacher (the pretrained model, without projections) is shared.
+Training one replica at a time (for models too big to stack) runs the same
+un-vmapped step on replica ``i``'s slice, so both modes give the same replicas.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from deme_jax.deme.intervals import check_global_prob, interval_timesteps
+from deme_jax.deme.objective import deme_loss
+from deme_jax.models import UNet2D, param_shapes
+from deme_jax.train.step import make_train_step
+
+
+def with_identity_projections(model: UNet2D, params: dict) -> tuple[UNet2D, dict]:
+    """The model with channel projections on, the pretrained weights, and identity projections.
+
+    A pretrained model given identity projections computes exactly what it did,
+    so task vectors of projections are ``W_i - I``.
+    """
+    projected = model.clone(channel_projection=True)
+    flat = traverse_util.flatten_dict(params)
+    for path, shape in traverse_util.flatten_dict(param_shapes(projected)).items():
+        if path not in flat:  # a projection kernel (1, 1, C, C)
+            flat[path] = jnp.eye(shape.shape[-1], dtype=shape.dtype).reshape(shape.shape)
+    return projected, traverse_util.unflatten_dict(flat)
+
+
+def stack(tree, n: int):
+    """``n`` copies of every leaf along a new leading replica axis."""
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+
+
+def replica_slice(tree, i: int):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def interval_tasks(boundaries, teacher_params) -> dict:
+    """Per-replica step arguments: interval bounds (one per replica) and the shared teacher."""
+    boundaries = np.asarray(boundaries, np.int32)
+    return {"low": jnp.asarray(boundaries[:-1]), "high": jnp.asarray(boundaries[1:]), "teacher": teacher_params}
+
+
+TASK_AXES = {"low": 0, "high": 0, "teacher": None}
+
+
+def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
+                      global_prob: float, consistency_weight: float = 1.0):
+    """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
+
+    ``jax.vmap(step, in_axes=(0, 0, TASK_AXES))`` trains stacked replicas.
+    """
+    check_global_prob(global_prob)
+    T = schedule.num_train_timesteps
+
+    def sample(rng, n, task):
+        return interval_timesteps(rng, n, task["low"], task["high"], T, global_prob)
+
+    def loss(eps, noise, x_t, t, task):
+        teacher_eps = teacher.apply({"params": task["teacher"]}, x_t, t)
+        return deme_loss(eps, teacher_eps, noise, consistency_weight)
+
+    return make_train_step(student, schedule, optimizer, ema_config, num_intervals, sample, loss)
