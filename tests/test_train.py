@@ -98,6 +98,25 @@ def wait_for_checkpoint(workdir: Path, step: int, process, timeout=180):
         time.sleep(0.05)
 
 
+def test_save_killed_half_way_leaves_the_last_good_checkpoint(uninterrupted, tmp_path):
+    """SIGKILL while orbax writes a checkpoint's temporary directory; the restart ignores it and
+    still ends bit-identical to the uninterrupted run."""
+    args = ["pretrain", f"--config={CONFIG}", f"--workdir={tmp_path}"]
+    first = deme(args)
+    wait_for_checkpoint(tmp_path, 4, first)
+    deadline = time.time() + 120
+    while not any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "checkpoints").iterdir()):
+        assert first.poll() is None and time.time() < deadline, "no save in progress was seen"
+        time.sleep(0.002)
+    first.kill()
+    first.communicate(timeout=60)
+    assert any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    second = deme(args)
+    out = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, out
+    assert_trees_equal(final_params(tmp_path)[1], final_params(uninterrupted)[1])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
     """A run stopped part-way and started again ends with the uninterrupted run's parameters, bit for bit."""
