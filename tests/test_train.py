@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from ml_collections import ConfigDict
+from PIL import Image
 
 from deme_jax.models import init_params
 from deme_jax.train import ConfigError, NonFiniteLossError, build_model, train_and_evaluate
@@ -144,7 +145,7 @@ def test_eight_devices_give_the_losses_of_one(tmp_path):
     script = (
         "import json, sys; from deme_jax.train import train_and_evaluate; from tests import tiny_config\n"
         "import jax; c = tiny_config.get_config(); c.train.num_steps = 4; c.train.log_every = 1\n"
-        "c.train.eval_every = c.train.sample_every = 0; c.mesh.fsdp = sys.argv[2] == 'fsdp'\n"
+        "c.train.eval_every = 0; c.train.sample_every = 4; c.mesh.fsdp = sys.argv[2] == 'fsdp'\n"
         "s = train_and_evaluate(c, sys.argv[1])\n"
         "print(json.dumps({'devices': jax.device_count(), 'w': float(abs(s.params['conv_in']['kernel']).sum())}))"
     )
@@ -156,10 +157,12 @@ def test_eight_devices_give_the_losses_of_one(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         results[name]["loss"] = read_scalars(tmp_path / name, "train/loss")
+        results[name]["grid"] = np.asarray(Image.open(tmp_path / name / "samples" / "step_0000004.png"), float)
     assert results["one"]["devices"] == 1 and results["eight"]["devices"] == 8
     for other in ("eight", "eight_fsdp"):
         np.testing.assert_allclose(results[other]["loss"], results["one"]["loss"], rtol=1e-5)
         assert results[other]["w"] == pytest.approx(results["one"]["w"], rel=1e-5)
+        assert np.abs(results[other]["grid"] - results["one"]["grid"]).max() <= 1  # uint8 rounding
 
 
 def read_scalars(workdir: Path, tag: str) -> list[float]:

@@ -155,7 +155,10 @@ def train_and_evaluate(config, workdir: str | Path):
         writer.write_scalars(step, scalars)
 
     def sample(step: int) -> None:
-        images = host_value(ddim_sample(model, state.ema_params, schedule, sample_noise, config.sample.ddim_steps))
+        from jax.experimental import multihost_utils
+
+        images = ddim_sample(model, state.ema_params, schedule, sample_noise, config.sample.ddim_steps)
+        images = multihost_utils.process_allgather(images, tiled=True)  # whatever sharding XLA chose
         writer.write_images(step, {"samples": image_grid(to_uint8(images))[None]})
         if jax.process_index() == 0:
             save_image_grid(images, workdir / "samples" / f"step_{step:07d}.png")
