@@ -5,7 +5,7 @@
 Hardware: a laptop or CI CPU (2 cores). Time: about 1.6 steps/s at batch 32 on
 2 cores: the 2,000 steps took 22 minutes. Expected (measured): training and
 held-out loss 0.022 at step 2,000, and a sample grid in workdir/samples where
-most digits are recognisable (docs/mnist_tiny_samples.png); the loss is still
+many digits are recognisable (docs/mnist_tiny_samples.png); the loss is still
 falling, so this is a smoke-sized run, not a converged model.
 """
 
