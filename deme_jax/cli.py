@@ -79,10 +79,11 @@ def load_schedule(path):
     from pathlib import Path
 
     from deme_jax import diffusion, interop
+    from deme_jax.train import build_schedule
     from deme_jax.train.checkpoints import is_training_workdir
 
     if path and is_training_workdir(path):
-        return diffusion.make_schedule(**json.loads((Path(path) / "config.json").read_text())["diffusion"])
+        return build_schedule(json.loads((Path(path) / "config.json").read_text())["diffusion"])
     if path and any((Path(path) / p).is_file() for p in ("scheduler_config.json", "scheduler/scheduler_config.json")):
         return interop.load_diffusers_scheduler(path)
     return diffusion.make_schedule()

@@ -72,6 +72,13 @@ def host_value(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+def interval_scalars(prefix: str, sums: np.ndarray, counts: np.ndarray, num_train_timesteps: int) -> dict:
+    """``{prefix}/loss_t{low}-{high}``: the mean loss of each timestep interval that had examples."""
+    K, T = len(sums), num_train_timesteps
+    return {f"{prefix}/loss_t{k * T // K}-{(k + 1) * T // K}": float(sums[k] / counts[k]) for k in range(K)
+            if counts[k]}
+
+
 def train_and_evaluate(config, workdir: str | Path):
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final train state."""
     validate_config(config, workdir)
@@ -140,19 +147,14 @@ def train_and_evaluate(config, workdir: str | Path):
                     f"{workdir / 'checkpoints'} is intact. Lower config.optim.lr or set config.optim.grad_clip.")
         sums = np.sum([r["interval_loss_sum"] for r in rows], axis=0)
         counts = np.sum([r["interval_count"] for r in rows], axis=0)
-        scalars = {"train/loss": float(np.mean([r["loss"] for r in rows])),
-                   "train/grad_norm": float(np.mean([r["grad_norm"] for r in rows]))}
-        for k in range(K):
-            if counts[k]:
-                scalars[f"train/loss_t{k * T // K}-{(k + 1) * T // K}"] = float(sums[k] / counts[k])
-        writer.write_scalars(step, scalars)
+        writer.write_scalars(step, {"train/loss": float(np.mean([r["loss"] for r in rows])),
+                                    "train/grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
+                                    **interval_scalars("train", sums, counts, T)})
 
     def evaluate(step: int) -> None:
         sums, counts = (host_value(x) for x in heldout_loss(state.ema_params, heldout, rng_eval))
-        scalars = {f"heldout/loss_t{k * T // K}-{(k + 1) * T // K}": float(sums[k] / counts[k]) for k in range(K)
-                   if counts[k]}
-        scalars["heldout/loss"] = float(sums.sum() / counts.sum())
-        writer.write_scalars(step, scalars)
+        writer.write_scalars(step, {"heldout/loss": float(sums.sum() / counts.sum()),
+                                    **interval_scalars("heldout", sums, counts, T)})
 
     def sample(step: int) -> None:
         from jax.experimental import multihost_utils
