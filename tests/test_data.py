@@ -117,6 +117,16 @@ def test_mnist_stream_from_default_config():
     np.testing.assert_array_equal(rgb[0][..., 2], mnist_digits()[0][mnist_split()[0][0]])
 
 
+def test_mnist_shrinks_by_area_average_below_28():
+    # 28 -> 14 halves exactly: each pixel is the mean of a 2x2 block (PIL's fixed-point arithmetic: within 1 level).
+    small = make_source(config(image_size=14))
+    digit = mnist_digits()[0][mnist_split()[0][3]].astype(np.float64)
+    blocks = digit.reshape(14, 2, 14, 2).mean(axis=(1, 3))
+    assert small[3].shape == (14, 14, 1)
+    np.testing.assert_allclose(small[3][..., 0], blocks, atol=1)
+    assert make_source(config(image_size=16))[0].shape == (16, 16, 1)
+
+
 # --- TFDS ----------------------------------------------------------------------
 
 
@@ -255,8 +265,8 @@ def test_bad_inputs():
         make_stream(config(), 10, seed=0, process_index=1, process_count=4)
     with pytest.raises(ValueError, match=r"config.data.channels=2"):
         make_source(config(channels=2))
-    with pytest.raises(ValueError, match=r"config.data.image_size=16 is smaller than MNIST"):
-        make_source(config(image_size=16))
+    with pytest.raises(ValueError, match=r"config.data.image_size=0"):
+        make_source(config(image_size=0))
     with pytest.raises(ValueError, match=r"config.data.split='test'"):
         make_source(config(split="test"))
     with pytest.raises(ValueError, match=r"config.data.folder='/no/such/folder' is not a directory"):
