@@ -18,21 +18,9 @@ def cmd_fid_weights(args) -> None:
     print(f"converted {src} -> {out}")
 
 
-def load_model(path):
-    """A UNet from a training workdir (its latest EMA parameters), an orbax checkpoint or a diffusers dir."""
-    from deme_jax import interop
-    from deme_jax.train.checkpoints import is_training_workdir, load_trained_unet
-
-    if is_training_workdir(path):
-        model, params, step = load_trained_unet(path)
-        print(f"{path}: the EMA parameters of step {step}")
-        return model, params
-    return interop.load_unet(path)
-
-
 def cmd_convert(args) -> None:
     from deme_jax import interop
-    from deme_jax.train.checkpoints import is_training_workdir
+    from deme_jax.train.checkpoints import is_training_workdir, load_model
 
     if is_training_workdir(args.src):
         print(f"wrote {interop.save_orbax_unet(*load_model(args.src), args.dst)}")
@@ -48,6 +36,7 @@ def cmd_sample(args) -> None:
     from deme_jax.images import save_image_grid
     from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
     from deme_jax.models import init_params
+    from deme_jax.train.checkpoints import load_model
 
     if args.model:
         model, params = load_model(args.model)
@@ -109,6 +98,8 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
         from absl import logging as absl_logging
 
+        from deme_jax.deme.finetune import finetune
+        from deme_jax.deme.merging import merge_replicas
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
         # orbax narrates every save at INFO; keep the console for progress and metrics.
@@ -116,17 +107,23 @@ def run_config_command(command: str, argv: list[str]) -> None:
             lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
 
         initialize_from_environment()
-        {"pretrain": train_and_evaluate}[command](flags.FLAGS.config, flags.FLAGS.workdir)
+        commands = {"pretrain": train_and_evaluate, "finetune": finetune, "merge": merge_replicas}
+        try:
+            commands[command](flags.FLAGS.config, flags.FLAGS.workdir)
+        except (FileNotFoundError, FileExistsError, ValueError) as err:  # ConfigError is a ValueError
+            sys.exit(f"deme {command}: {err}")
 
     app.run(run, argv=[f"deme {command}"] + argv)
 
 
-CONFIG_COMMANDS = ("pretrain",)
+CONFIG_COMMANDS = ("pretrain", "finetune", "merge")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deme", description=__doc__,
-                                     epilog="deme pretrain --config=FILE --workdir=DIR: train a DDPM from a config")
+                                     epilog="config commands (--config=FILE --workdir=DIR): `deme pretrain` trains a DDPM; "
+                                            "`deme finetune` trains DeMe replicas from config.deme.pretrained; "
+                                            "`deme merge` merges a finetuning workdir's replicas")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; training workdir -> orbax "

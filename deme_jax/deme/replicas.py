@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from deme_jax.deme.intervals import check_global_prob, interval_timesteps
 from deme_jax.deme.objective import deme_loss
+from deme_jax.diffusion import epsilon_loss
 from deme_jax.models import UNet2D, param_shapes
 from deme_jax.train.step import make_train_step
 
@@ -53,10 +54,12 @@ TASK_AXES = {"low": 0, "high": 0, "teacher": None}
 
 
 def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
-                      global_prob: float, consistency_weight: float = 1.0):
+                      global_prob: float, consistency_weight: float = 1.0, timestep_weight=None):
     """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
     ``jax.vmap(step, in_axes=(0, 0, TASK_AXES))`` trains stacked replicas.
+    ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss; a
+    consistency weight of 0 skips the teacher (plain finetuning).
     """
     check_global_prob(global_prob)
     T = schedule.num_train_timesteps
@@ -65,7 +68,11 @@ def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema
         return interval_timesteps(rng, n, task["low"], task["high"], T, global_prob)
 
     def loss(eps, noise, x_t, t, task):
-        teacher_eps = teacher.apply({"params": task["teacher"]}, x_t, t)
-        return deme_loss(eps, teacher_eps, noise, consistency_weight)
+        if consistency_weight:
+            per_example = deme_loss(eps, teacher.apply({"params": task["teacher"]}, x_t, t), noise,
+                                    consistency_weight)
+        else:
+            per_example = epsilon_loss(eps, noise)
+        return per_example if timestep_weight is None else timestep_weight(t) * per_example
 
     return make_train_step(student, schedule, optimizer, ema_config, num_intervals, sample, loss)

@@ -1,6 +1,6 @@
 """A UNet2D as an orbax checkpoint: the parameter tree beside its config.
 
-The config is the diffusers ``config.json`` dict (plus ``channel_projection``),
+The config is the diffusers ``config.json`` dict (``channel_projection: true`` for DeMe models),
 so a checkpoint converts to a diffusers directory and back without loss.
 """
 
@@ -23,7 +23,7 @@ def save_orbax_unet(model: UNet2D, params: dict, path: str | Path) -> Path:
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} already exists; orbax never overwrites a checkpoint. Choose a new path.")
-    config = model_to_config(model) | {"channel_projection": model.channel_projection}
+    config = model_to_config(model)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(path, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(config)))
@@ -38,8 +38,7 @@ def load_orbax_unet(path: str | Path) -> tuple[UNet2D, dict]:
                                 f"{path / 'params'} and {path / 'model_config'} (write one with `deme convert`).")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         config = checkpointer.restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())).model_config
-        projection = config.pop("channel_projection", False)
-        model = model_from_config(config).clone(channel_projection=projection)
+        model = model_from_config(config)
         abstract = param_shapes(model)
         try:
             restored = checkpointer.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))

@@ -43,6 +43,8 @@ FIXED_KEYS = {
     "num_class_embeds": (None,),
 }
 IGNORED_KEYS = ("num_train_timesteps",)  # only read by the "learned" time embedding
+# Written only when true: DeMe's 1x1 channel projections, weights "<block>.channel_projection.weight".
+PROJECTION_KEY = "channel_projection"
 
 # google/ddpm-cifar10-32's UNet: the 35,746,307-parameter DDPM of Ho et al. on CIFAR-10.
 DDPM_CIFAR10_CONFIG = {
@@ -61,7 +63,7 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 def model_from_config(config: dict) -> UNet2D:
     """Builds the UNet2D a diffusers ``config.json`` describes, refusing what it cannot express."""
     for key, value in config.items():
-        if key.startswith("_") or key in MODEL_KEYS or key in IGNORED_KEYS:
+        if key.startswith("_") or key in MODEL_KEYS or key in IGNORED_KEYS or key == PROJECTION_KEY:
             continue
         if key not in FIXED_KEYS:
             raise ValueError(f"UNet config key {key!r} (= {value!r}) is not supported by deme_jax's UNet2D; "
@@ -85,7 +87,7 @@ def model_from_config(config: dict) -> UNet2D:
         if len(fields.get(key, getattr(UNet2D, key))) != n:
             raise ValueError(f"UNet config {key} has {len(fields[key])} entries but block_out_channels has {n}; "
                              "give one block type per resolution level.")
-    return UNet2D(**fields)
+    return UNet2D(**fields, channel_projection=bool(config.get(PROJECTION_KEY, False)))
 
 
 def model_to_config(model: UNet2D) -> dict:
@@ -95,6 +97,8 @@ def model_to_config(model: UNet2D) -> dict:
         value = getattr(model, key)
         config[key] = list(value) if isinstance(value, tuple) else value
     config.update({key: values[0] for key, values in FIXED_KEYS.items()})
+    if model.channel_projection:
+        config[PROJECTION_KEY] = True
     return config
 
 
@@ -221,10 +225,16 @@ def state_dict_from_params(params: dict) -> dict[str, np.ndarray]:
 
 
 def save_diffusers_unet(model: UNet2D, params: dict, path: str | Path) -> Path:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` that diffusers loads."""
-    if model.channel_projection:
-        raise ValueError("diffusers' UNet2DModel has no channel projections: merge or drop them before export "
-                         "(build the model with channel_projection=False).")
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` that diffusers loads.
+
+    A model with DeMe's channel projections adds ``"channel_projection": true``
+    to config.json and one ``(C, C, 1, 1)`` tensor per projection
+    (``down_blocks.0.channel_projection.weight``, ..., ``mid_block.``,
+    ``up_blocks.i.``), applied to the block's output. deme_jax reads them back;
+    diffusers' ``UNet2DModel`` has no such layers and would only warn that the
+    weights went unused, so such a directory is for deme_jax (or a UNet2DModel
+    subclass that applies them), not for stock diffusers.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_from_params(params), path / WEIGHTS_NAME, metadata={"format": "pt"})

@@ -54,7 +54,8 @@ def is_training_workdir(path: str | Path) -> bool:
 def load_trained_unet(workdir: str | Path, step: int | None = None):
     """``(model, ema_params, step)`` from a training workdir's latest (or given) checkpoint.
 
-    The EMA parameters are what a run is evaluated and exported with.
+    The EMA parameters are what a run is evaluated and exported with. A DeMe
+    run of stacked replicas gives them stacked (a leading replica axis).
     """
     import json
 
@@ -72,9 +73,27 @@ def load_trained_unet(workdir: str | Path, step: int | None = None):
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
     key = jax.random.key(0)
-    abstract = jax.eval_shape(lambda: create_train_state(init_params(model, key), optimizer, key))
+    init = lambda key: create_train_state(init_params(model, key), optimizer, key)
+    deme = config.get("deme")
+    if deme is not None and deme.mode == "stacked":
+        init = jax.vmap(init)
+        key = jax.random.split(key, deme.num_replicas)
+    abstract = jax.eval_shape(init, key)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     state, _ = checkpoints.restore(step, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
     checkpoints.close()
     return model, state.ema_params, step
+
+
+def load_model(path: str | Path):
+    """``(model, params)`` from a training workdir (its latest EMA parameters), an orbax model or a diffusers dir."""
+    from absl import logging
+
+    from deme_jax import interop
+
+    if is_training_workdir(path):
+        model, params, step = load_trained_unet(path)
+        logging.info("%s: the EMA parameters of step %d", path, step)
+        return model, params
+    return interop.load_unet(path)

@@ -8,9 +8,11 @@ would have, bit for bit on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -18,14 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh
 
 from deme_jax.data import heldout_images, make_stream
 from deme_jax.diffusion import ddim_sample, make_schedule
 from deme_jax.images import image_grid, save_image_grid, to_uint8
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train.checkpoints import Checkpoints, abstract_with_shardings
-from deme_jax.train.sharding import batch_sharding, global_batch, make_mesh, replicated, state_shardings
-from deme_jax.train.state import create_train_state, make_optimizer
+from deme_jax.train.sharding import (
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    replicated,
+    state_shardings,
+)
+from deme_jax.train.state import TrainState, create_train_state, make_optimizer
 from deme_jax.train.step import make_heldout_loss, make_train_step
 from deme_jax.train.validate import validate_config
 
@@ -79,26 +88,67 @@ def interval_scalars(prefix: str, sums: np.ndarray, counts: np.ndarray, num_trai
             if counts[k]}
 
 
+@dataclasses.dataclass
+class Job:
+    """What one training run computes; ``run_training`` adds checkpoints, metrics, evaluation and preemption.
+
+    With ``num_replicas`` set, every leaf of the state has a leading replica
+    axis, ``step`` trains all replicas at once, and metrics come per replica.
+    """
+
+    init_state: Callable[[], TrainState]
+    step: Callable  # (state, images, *step_args) -> (state, metrics)
+    batch: Callable[[int], jax.Array]  # 0-based step -> the global batch, laid out as batch_spec
+    batch_spec: jax.ShapeDtypeStruct  # the global batch's shape, dtype and sharding
+    state_shardings: Callable  # abstract state -> shardings
+    mesh: Mesh
+    heldout_loss: Callable  # (ema_params, images, rng) -> per-interval (sums, counts)
+    sample: Callable | None = None  # (ema_params, noise) -> images
+    step_args: tuple = ()  # further jitted arguments, e.g. the frozen teacher (laid out by their shardings)
+    num_replicas: int | None = None
+
+
 def train_and_evaluate(config, workdir: str | Path):
-    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final train state."""
+    """Trains the DDPM of ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
     validate_config(config, workdir)
-    workdir = Path(workdir)
-    train = config.train
     model, schedule = build_model(config.model), build_schedule(config.diffusion)
-    T, K = schedule.num_train_timesteps, train.loss_intervals
     optimizer = make_optimizer(config.optim)
     mesh = make_mesh()
-    data_sharding, repl = batch_sharding(mesh), replicated(mesh)
-    stream = make_stream(config.data, train.batch_size, config.seed, jax.process_index(), jax.process_count())
+    data_sharding = batch_sharding(mesh)
+    stream = make_stream(config.data, config.train.batch_size, config.seed, jax.process_index(), jax.process_count())
+    rng_params, rng_state, _ = jax.random.split(jax.random.key(config.seed), 3)
+    job = Job(
+        init_state=lambda: create_train_state(init_params(model, rng_params), optimizer, rng_state),
+        step=make_train_step(model, schedule, optimizer, config.ema, config.train.loss_intervals),
+        batch=lambda step: global_batch(stream.batch(step), data_sharding),
+        batch_spec=jax.ShapeDtypeStruct(batch_shape(config), jnp.float32, sharding=data_sharding),
+        state_shardings=lambda abstract: state_shardings(mesh, abstract, config.mesh.fsdp),
+        mesh=mesh,
+        heldout_loss=make_heldout_loss(model, schedule, config.train.loss_intervals),
+        sample=lambda params, noise: ddim_sample(model, params, schedule, noise, config.sample.ddim_steps),
+    )
+    return run_training(config, workdir, job)
 
-    rng_params, rng_state, rng_eval = jax.random.split(jax.random.key(config.seed), 3)
-    init_state = lambda: create_train_state(init_params(model, rng_params), optimizer, rng_state)
-    abstract = jax.eval_shape(init_state)
-    shardings = state_shardings(mesh, abstract, config.mesh.fsdp)
+
+def batch_shape(config) -> tuple[int, int, int, int]:
+    data = config.data
+    return (config.train.batch_size, data.image_size, data.image_size, data.channels)
+
+
+def run_training(config, workdir: str | Path, job: Job):
+    """Runs ``job`` for ``config.train.num_steps`` steps in ``workdir``, resuming from its latest checkpoint."""
+    workdir = Path(workdir)
+    train = config.train
+    T = config.diffusion.num_train_timesteps
+    repl = replicated(job.mesh)
+    rng_eval = jax.random.split(jax.random.key(config.seed), 3)[2]  # the same noise for every run of a seed
+
+    abstract = jax.eval_shape(job.init_state)
+    shardings = job.state_shardings(abstract)
     checkpoints = Checkpoints(workdir, keep=train.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is None:
-        state = jax.jit(init_state, out_shardings=shardings)()
+        state = jax.jit(job.init_state, out_shardings=shardings)()
         start = 0
     else:
         state, data_state = checkpoints.restore(latest, abstract_with_shardings(abstract, shardings))
@@ -108,25 +158,23 @@ def train_and_evaluate(config, workdir: str | Path):
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
-    step_fn = make_train_step(model, schedule, optimizer, config.ema, K)
-    local_rows = train.batch_size // jax.process_count()
-    image_shape = (train.batch_size, config.data.image_size, config.data.image_size, config.data.channels)
+    args_spec = tuple(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), a)
+                      for a in job.step_args)
     compile_start = time.perf_counter()
-    train_step = jax.jit(step_fn, in_shardings=(shardings, data_sharding), out_shardings=(shardings, repl),
-                         donate_argnums=0).lower(
-        abstract_with_shardings(abstract, shardings), jax.ShapeDtypeStruct(image_shape, jnp.float32,
-                                                                           sharding=data_sharding)).compile()
-    logging.info("Compiled the train step in %.1f s (%d rows per process).", time.perf_counter() - compile_start,
-                 local_rows)
+    train_step = jax.jit(job.step, out_shardings=(shardings, repl), donate_argnums=0).lower(
+        abstract_with_shardings(abstract, shardings), job.batch_spec, *args_spec).compile()
+    logging.info("Compiled the train step in %.1f s (global batch %s).", time.perf_counter() - compile_start,
+                 job.batch_spec.shape)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_json).items() if isinstance(v, (int, float, str))})
     heldout = jax.device_put(heldout_images(config.data, config.eval.num_images), repl)
-    heldout_loss = jax.jit(make_heldout_loss(model, schedule, K), out_shardings=repl)
+    heldout_loss = job.heldout_loss if job.num_replicas is None else jax.vmap(job.heldout_loss, (0, None, None))
+    heldout_loss = jax.jit(heldout_loss, out_shardings=repl)
     sample_noise = jax.device_put(
-        np.asarray(jax.random.normal(jax.random.key(config.seed + 1), (config.sample.num_images,) + image_shape[1:])),
-        repl)
+        np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
+                                     (config.sample.num_images,) + job.batch_spec.shape[-3:])), repl)
     report = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_secs=30)
     preemption = Preemption()
     pending = []  # per-step metrics not yet read back: reading every step would stall dispatch
@@ -137,7 +185,7 @@ def train_and_evaluate(config, workdir: str | Path):
         rows = jax.device_get(pending)
         pending.clear()
         for offset, row in enumerate(rows):
-            if row["nonfinite"]:
+            if np.any(row["nonfinite"]):
                 bad = step - len(rows) + offset + 1
                 kept = checkpoints.latest_step()
                 raise NonFiniteLossError(
@@ -145,21 +193,34 @@ def train_and_evaluate(config, workdir: str | Path):
                     f"{row['grad_norm']}); that update was not applied and nothing after it was saved. The last "
                     f"good checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) in "
                     f"{workdir / 'checkpoints'} is intact. Lower config.optim.lr or set config.optim.grad_clip.")
+        loss = np.mean([r["loss"] for r in rows], axis=0)
+        grad_norm = np.mean([r["grad_norm"] for r in rows], axis=0)
         sums = np.sum([r["interval_loss_sum"] for r in rows], axis=0)
         counts = np.sum([r["interval_count"] for r in rows], axis=0)
-        writer.write_scalars(step, {"train/loss": float(np.mean([r["loss"] for r in rows])),
-                                    "train/grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
-                                    **interval_scalars("train", sums, counts, T)})
+        scalars = {"train/loss": float(np.mean(loss)), "train/grad_norm": float(np.mean(grad_norm))}
+        if job.num_replicas is None:
+            scalars.update(interval_scalars("train", sums, counts, T))
+        else:
+            for i in range(job.num_replicas):
+                scalars.update({f"train/replica{i}/loss": float(loss[i]), f"train/replica{i}/grad_norm":
+                                float(grad_norm[i]), **interval_scalars(f"train/replica{i}", sums[i], counts[i], T)})
+        writer.write_scalars(step, scalars)
 
     def evaluate(step: int) -> None:
         sums, counts = (host_value(x) for x in heldout_loss(state.ema_params, heldout, rng_eval))
-        writer.write_scalars(step, {"heldout/loss": float(sums.sum() / counts.sum()),
-                                    **interval_scalars("heldout", sums, counts, T)})
+        if job.num_replicas is None:
+            scalars = {"heldout/loss": float(sums.sum() / counts.sum()), **interval_scalars("heldout", sums, counts, T)}
+        else:
+            scalars = {}
+            for i in range(job.num_replicas):
+                scalars.update({f"heldout/replica{i}/loss": float(sums[i].sum() / counts[i].sum()),
+                                **interval_scalars(f"heldout/replica{i}", sums[i], counts[i], T)})
+        writer.write_scalars(step, scalars)
 
     def sample(step: int) -> None:
         from jax.experimental import multihost_utils
 
-        images = ddim_sample(model, state.ema_params, schedule, sample_noise, config.sample.ddim_steps)
+        images = job.sample(state.ema_params, sample_noise)
         images = multihost_utils.process_allgather(images, tiled=True)  # whatever sharding XLA chose
         writer.write_images(step, {"samples": image_grid(to_uint8(images))[None]})
         if jax.process_index() == 0:
@@ -169,8 +230,7 @@ def train_and_evaluate(config, workdir: str | Path):
     try:
         for step in range(start + 1, train.num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                images = global_batch(stream.batch(step - 1), data_sharding)
-                state, metrics = train_step(state, images)
+                state, metrics = train_step(state, job.batch(step - 1), *job.step_args)
             pending.append(metrics)
             report(step)
             last = step == train.num_steps
@@ -180,7 +240,7 @@ def train_and_evaluate(config, workdir: str | Path):
             if train.eval_every and (step % train.eval_every == 0 or last):
                 with report.timed("heldout"):
                     evaluate(step)
-            if train.sample_every and (step % train.sample_every == 0 or last):
+            if job.sample and train.sample_every and (step % train.sample_every == 0 or last):
                 with report.timed("sample"):
                     sample(step)
             if step % train.checkpoint_every == 0 or last or stop:

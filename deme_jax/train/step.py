@@ -79,19 +79,25 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     return step
 
 
-def make_heldout_loss(model, schedule: NoiseSchedule, num_intervals: int):
-    """``loss(params, images, rng) -> (sums, counts)`` per interval, timesteps evenly spread over [0, T).
+def heldout_timesteps(n: int, num_train_timesteps: int) -> jax.Array:
+    """``n`` timesteps spread evenly over [0, T): comparable held-out losses with far less noise than random ones."""
+    return ((jnp.arange(n) + 0.5) * num_train_timesteps / n).astype(jnp.int32)
 
-    Evenly spread timesteps and a fixed ``rng`` make the held-out loss of two
-    models comparable with far less noise than random timesteps.
-    """
-    T = schedule.num_train_timesteps
 
-    def heldout_loss(params, images, rng):
-        n = images.shape[0]
-        t = ((jnp.arange(n) + 0.5) * T / n).astype(jnp.int32)
+def make_heldout_losses(model, schedule: NoiseSchedule):
+    """``losses(params, images, rng) -> (per-example loss, t)`` at evenly spread timesteps and fixed noise."""
+
+    def heldout_losses(params, images, rng):
+        t = heldout_timesteps(images.shape[0], schedule.num_train_timesteps)
         noise = jax.random.normal(rng, images.shape, images.dtype)
         eps = model.apply({"params": params}, add_noise(schedule, images, noise, t), t)
-        return interval_sums(epsilon_loss(eps, noise), t, T, num_intervals)
+        return epsilon_loss(eps, noise), t
 
-    return heldout_loss
+    return heldout_losses
+
+
+def make_heldout_loss(model, schedule: NoiseSchedule, num_intervals: int):
+    """``loss(params, images, rng) -> (sums, counts)`` per equal interval of the held-out losses."""
+    losses = make_heldout_losses(model, schedule)
+    return lambda params, images, rng: interval_sums(*losses(params, images, rng), schedule.num_train_timesteps,
+                                                     num_intervals)

@@ -1,0 +1,6 @@
+"""Files that ship with the package: the tiny pretrained MNIST DDPM of `deme demo`."""
+
+from pathlib import Path
+
+# orbax model checkpoint written by `deme convert` from a configs/mnist16_pretrain.py run.
+MNIST16_DDPM = Path(__file__).parent / "mnist16_ddpm"

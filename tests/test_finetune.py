@@ -1,0 +1,166 @@
+"""`deme finetune` and `deme merge` end to end on a tiny pretrained model written to disk."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import deme as deme_config
+from deme_jax.deme import TimestepEnsemble, finetune, load_replicas, merge_replicas
+from deme_jax.deme.replicas import replica_slice, with_identity_projections
+from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_unet
+from deme_jax.merge import merge
+from deme_jax.models import UNet2D, init_params
+from deme_jax.train import ConfigError
+
+# No attention: its key bias has a zero gradient, which Adam turns into lr-sized noise steps.
+PRETRAINED = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                    layers_per_block=1, norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return save_orbax_unet(PRETRAINED, init_params(PRETRAINED, jax.random.key(0)),
+                           tmp_path_factory.mktemp("pretrained") / "model")
+
+
+def tiny_config(model_path, **deme):
+    config = deme_config.get_config()
+    config.deme.update({"pretrained": str(model_path), "num_replicas": 2, **deme})
+    config.data.update(dict(name="mnist", image_size=8, channels=1, random_flip=False))
+    config.train.update(dict(batch_size=4, num_steps=4, log_every=2, checkpoint_every=2, eval_every=4,
+                             sample_every=4))
+    config.optim.lr = 1e-3
+    config.eval.num_images = 16
+    config.sample.update(dict(num_images=2, ddim_steps=2))
+    config.merge.update(dict(weight_values=(0.0, 1.0)))
+    return config
+
+
+def relative_l2(a, b):
+    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.sum((x - y) ** 2), a, b))
+    norm = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: jnp.sum(x ** 2), a))
+    return float(np.sqrt(sum(leaves) / sum(norm)))
+
+
+@pytest.fixture(scope="module")
+def stacked_run(pretrained, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stacked")
+    state = finetune(tiny_config(pretrained), workdir)
+    return workdir, state
+
+
+def test_stacked_and_sequential_modes_give_the_same_replicas(pretrained, stacked_run, tmp_path):
+    workdir, stacked = stacked_run
+    sequential = finetune(tiny_config(pretrained, mode="sequential"), tmp_path)
+    assert int(stacked.step[0]) == 4 and len(sequential) == 2
+    # vmap batches the convolutions differently, and Adam's first steps (about lr * sign(g)) turn float
+    # noise in near-zero gradients into lr-sized steps: 1e-4 is 100x below how far two replicas differ.
+    for i, one in enumerate(sequential):
+        assert relative_l2(replica_slice(stacked.params, i), one.params) < 1e-4
+        assert relative_l2(replica_slice(stacked.ema_params, i), one.ema_params) < 1e-4
+    # the two replicas did train differently: their own intervals, data and noise
+    assert relative_l2(sequential[0].params, sequential[1].params) > 1e-2
+    # both layouts load as the same stacked EMA weights
+    model_a, a, partition_a, _ = load_replicas(workdir)
+    model_b, b, partition_b, _ = load_replicas(tmp_path)
+    assert model_a == model_b and model_a.channel_projection
+    np.testing.assert_array_equal(partition_a, [0, 500, 1000])
+    np.testing.assert_array_equal(partition_a, partition_b)
+    assert relative_l2(a, b) < 1e-4
+
+
+def test_finetune_writes_per_replica_metrics_and_ensemble_samples(stacked_run):
+    workdir, _ = stacked_run
+    assert (workdir / "samples" / "step_0000004.png").is_file()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["channel_projection"] is True and config["model"]["sample_size"] == 8
+
+
+def test_resumed_finetuning_continues_where_it_stopped(pretrained, stacked_run, tmp_path):
+    config = tiny_config(pretrained)
+    config.train.num_steps = 2
+    finetune(config, tmp_path)
+    resumed = finetune(tiny_config(pretrained), tmp_path)
+    assert relative_l2(resumed.params, stacked_run[1].params) < 1e-6
+
+
+def test_merge_searches_weights_and_exports_orbax_and_diffusers(pretrained, stacked_run):
+    workdir, state = stacked_run
+    result = merge_replicas(tiny_config(pretrained), workdir)
+    assert len(result["candidates"]) == 4  # values (0, 1) for 2 replicas
+    scores = {tuple(c["weights"]): c["score"] for c in result["candidates"]}
+    assert scores[(0.0, 0.0)] == pytest.approx(1.0, rel=1e-6)  # zero weights give the pretrained model back
+    assert result["score"] == min(scores.values())
+    assert (workdir / "merge" / "search.png").is_file()
+
+    model, merged = load_orbax_unet(workdir / "merge" / "orbax")
+    pretrained_model, pretrained_params = load_orbax_unet(pretrained)
+    base_model, base = with_identity_projections(pretrained_model, pretrained_params)
+    assert model == base_model  # the pretrained structure plus the projections
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
+    expected = merge(base, state.ema_params, jnp.asarray(result["weights"]))
+    assert relative_l2(expected, merged) < 1e-6
+    diffusers_model, diffusers_params = load_diffusers_unet(workdir / "merge" / "diffusers")
+    assert diffusers_model == model
+    jax.tree_util.tree_map(np.testing.assert_array_equal, diffusers_params, merged)
+
+    with pytest.raises(FileExistsError, match="exists from an earlier merge"):
+        merge_replicas(tiny_config(pretrained), workdir)
+
+
+def test_ensemble_routes_each_timestep_to_its_replica(stacked_run):
+    workdir, _ = stacked_run
+    model, replicas, partition, _ = load_replicas(workdir)
+    ensemble = TimestepEnsemble(model, tuple(int(b) for b in partition))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    t = jnp.array([0, 499, 500, 999])
+    out = ensemble.apply({"params": replicas}, x, t)
+    for k, replica in enumerate([0, 0, 1, 1]):
+        expected = model.apply({"params": replica_slice(replicas, replica)}, x, t)[k]
+        np.testing.assert_allclose(out[k], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("deme, message", [
+    (dict(num_replicas=1001), r"num_intervals=1001 > num_timesteps=1000"),
+    (dict(global_prob=1.5), r"config.deme.global_prob=1.5 must lie in \[0, 1\]"),
+    (dict(partition="explicit", boundaries=(0, 400, 300, 1000)), r"config.deme .*boundaries"),
+    (dict(partition="explicit", boundaries=(0, 400, 900)), r"config.deme .*boundaries"),
+    (dict(mode="parallel"), r"config.deme.mode='parallel'"),
+    (dict(pretrained="/no/such/model"), r"config.deme.pretrained='/no/such/model' does not exist"),
+])
+def test_bad_deme_config_names_the_field(pretrained, tmp_path, deme, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune(tiny_config(pretrained, **deme), tmp_path)
+
+
+def test_data_that_does_not_fit_the_pretrained_model(pretrained, tmp_path):
+    config = tiny_config(pretrained)
+    config.data.image_size = 16
+    with pytest.raises(ConfigError, match=r"does not fit the pretrained model \(8x8, 1 channels\)"):
+        finetune(config, tmp_path)
+
+
+def test_merge_weights_of_the_wrong_length_and_other_architectures(pretrained, stacked_run, tmp_path):
+    workdir, _ = stacked_run
+    config = tiny_config(pretrained)
+    config.merge.update(dict(search="none", weights=(0.5, 0.5, 0.5)))
+    with pytest.raises(ConfigError, match=r"give one weight per replica \(2\)"):
+        merge_replicas(config, workdir)
+    # replicas finetuned from another architecture than the pretrained model named now
+    other = UNet2D(**{**{f: getattr(PRETRAINED, f) for f in ("sample_size", "in_channels", "out_channels",
+                                                            "down_block_types", "up_block_types",
+                                                            "layers_per_block", "norm_num_groups")},
+                      "block_out_channels": (8, 8)})
+    other_path = save_orbax_unet(other, init_params(other, jax.random.key(1)), tmp_path / "other")
+    run = json.loads((workdir / "config.json").read_text())
+    run["deme"]["pretrained"] = str(other_path)
+    moved = tmp_path / "run"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps(run))
+    (moved / "checkpoints").symlink_to(workdir / "checkpoints")
+    with pytest.raises(ValueError, match="do not have the structure of config.deme.pretrained"):
+        merge_replicas(tiny_config(pretrained), moved)
