@@ -1,6 +1,10 @@
 """`deme finetune` and `deme merge` end to end on a tiny pretrained model written to disk."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,8 @@ from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_un
 from deme_jax.merge import merge
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # No attention: its key bias has a zero gradient, which Adam turns into lr-sized noise steps.
 PRETRAINED = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -71,6 +77,22 @@ def test_stacked_and_sequential_modes_give_the_same_replicas(pretrained, stacked
     np.testing.assert_array_equal(partition_a, [0, 500, 1000])
     np.testing.assert_array_equal(partition_a, partition_b)
     assert relative_l2(a, b) < 1e-4
+
+
+def test_replicas_sharded_over_eight_devices_match_one_device(pretrained, stacked_run, tmp_path):
+    script = ("import json, sys, jax; from tests.test_finetune import tiny_config; from deme_jax.deme import finetune\n"
+              "s = finetune(tiny_config(sys.argv[1]), sys.argv[2])\n"
+              "print(json.dumps({'devices': jax.device_count(), 'mesh': dict(s.params['conv_in']['kernel'].sharding"
+              ".mesh.shape), 'spec': str(s.params['conv_in']['kernel'].sharding.spec)}))")
+    proc = subprocess.run([sys.executable, "-c", script, str(pretrained), str(tmp_path)], cwd=ROOT,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layout = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert layout == {"devices": 8, "mesh": {"replica": 2, "data": 4}, "spec": "P('replica',)"}
+    _, eight, _, _ = load_replicas(tmp_path)
+    _, one, _, _ = load_replicas(stacked_run[0])
+    assert relative_l2(one, eight) < 1e-4
 
 
 def test_finetune_writes_per_replica_metrics_and_ensemble_samples(stacked_run):

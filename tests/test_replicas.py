@@ -1,4 +1,4 @@
-"""Stacked replicas: identity projections, and one vmapped step equal to N separate ones."""
+"""Stacked replicas: identity projections, and one stacked step equal to N separate ones."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import optax
 from ml_collections import ConfigDict
 
 from deme_jax.deme import uniform_partition
-from deme_jax.deme.replicas import TASK_AXES, interval_tasks, make_replica_step, replica_slice, stack, \
+from deme_jax.deme.finetune import replica_mesh
+from deme_jax.deme.replicas import interval_tasks, make_replica_step, map_over_replicas, replica_slice, stack, \
     with_identity_projections
 from deme_jax.diffusion import make_schedule
 from deme_jax.models import UNet2D, init_params
@@ -45,7 +46,7 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
         jnp.arange(n)))
     images = jax.random.normal(jax.random.key(3), (steps, n, batch, 16, 16, 1))
 
-    stacked_step = jax.jit(jax.vmap(step, in_axes=(0, 0, TASK_AXES)))
+    stacked_step = jax.jit(map_over_replicas(step, replica_mesh(n)))
     stacked, stacked_losses = state, []
     for k in range(steps):
         stacked, metrics = stacked_step(stacked, images[k], task)
@@ -60,8 +61,8 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
         for k in range(steps):
             one, metrics = single_step(one, images[k, i], one_task)
             np.testing.assert_allclose(metrics["loss"], stacked_losses[k][i], rtol=1e-5)
-        # vmap batches the same arithmetic differently: float rounding only. Attention key biases have an
-        # exactly-zero gradient in theory, which Adam turns into lr-sized noise; the vector as a whole agrees.
+        # One jitted program for both replicas may fuse differently: float rounding only. Attention key biases
+        # have an exactly-zero gradient in theory, which Adam turns into lr-sized noise; the whole vector agrees.
         flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
         ours, expected = flat(one.params), flat(replica_slice(stacked, i).params)
         assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-5

@@ -5,7 +5,7 @@ projections when ``config.deme.channel_projection``), draws its batches from
 its own data stream and its noise from its own rng, and trains on interval i
 with the consistency loss against the frozen pretrained model.
 
-``mode="stacked"`` trains all replicas in one vmapped step, the replica axis
+``mode="stacked"`` trains all replicas in one jitted step, the replica axis
 sharded over a ``replica`` mesh axis; ``mode="sequential"`` trains them one
 after another in ``workdir/replica_<i>`` (for models too big to stack). Both
 compute the same replicas from the same config.
@@ -28,7 +28,7 @@ from deme_jax.data import make_source
 from deme_jax.data.stream import BatchStream
 from deme_jax.deme.ensemble import TimestepEnsemble
 from deme_jax.deme.intervals import PARTITION_RULES, make_partition
-from deme_jax.deme.replicas import TASK_AXES, make_replica_step, with_identity_projections
+from deme_jax.deme.replicas import make_replica_step, map_over_replicas, with_identity_projections
 from deme_jax.diffusion import ddim_sample, min_snr_weight, p2_weight
 from deme_jax.train.checkpoints import is_training_workdir, load_model, load_trained_unet
 from deme_jax.train.loop import Job, batch_shape, build_schedule, run_training
@@ -51,7 +51,7 @@ def default_deme_config() -> ml_collections.ConfigDict:
         global_prob=0.3,  # p: a batch samples all of [0, T) with this probability
         consistency_weight=1.0,  # lambda of mse(student, frozen pretrained); 0 drops the teacher
         channel_projection=True,  # identity-initialised 1x1 projections after every block
-        mode="stacked",  # "stacked" (vmapped, one step for all replicas) or "sequential"
+        mode="stacked",  # "stacked" (one jitted step for all replicas) or "sequential"
         weighting="none",  # loss re-weighting baselines: "none", "min_snr" or "p2"
         min_snr_gamma=5.0,
         p2_gamma=1.0,
@@ -149,10 +149,11 @@ def finetune(config, workdir: str | Path):
     validate_deme_config(config)
     teacher, teacher_params, student, student_params = load_pretrained(config)
     config = with_model(config, student)
-    validate_config(config, workdir)
+    N = config.deme.num_replicas
+    stacked = config.deme.mode == "stacked"
+    validate_config(config, workdir, replica_mesh(N).shape["data"] if stacked else None)
     schedule = build_schedule(config.diffusion)
     partition = partition_of(config, schedule)
-    N = config.deme.num_replicas
     logging.info("DeMe: %d replica(s) on intervals %s, mode %s.", N,
                  [f"[{a}, {b})" for a, b in zip(partition[:-1], partition[1:])], config.deme.mode)
     optimizer = make_optimizer(config.optim)
@@ -164,7 +165,7 @@ def finetune(config, workdir: str | Path):
     shape = batch_shape(config)
     low, high = np.asarray(partition[:-1], np.int32), np.asarray(partition[1:], np.int32)
 
-    if config.deme.mode == "stacked":
+    if stacked:
         mesh = replica_mesh(N)
         per_replica, data_sharding = NamedSharding(mesh, P("replica")), NamedSharding(mesh, P("replica", "data"))
         task = {"low": jax.device_put(low, per_replica), "high": jax.device_put(high, per_replica),
@@ -172,7 +173,7 @@ def finetune(config, workdir: str | Path):
         ensemble = TimestepEnsemble(student, tuple(int(b) for b in partition))
         job = Job(
             init_state=lambda: jax.vmap(lambda rng: create_train_state(student_params, optimizer, rng))(rngs),
-            step=jax.vmap(step, in_axes=(0, 0, TASK_AXES)),
+            step=map_over_replicas(step, mesh),
             batch=lambda i: array_from_rows(lambda: np.stack([s.batch(i) for s in streams]), (N, *shape),
                                             data_sharding),
             batch_spec=jax.ShapeDtypeStruct((N, *shape), jnp.float32, sharding=data_sharding),

@@ -1,10 +1,10 @@
-"""N replicas of the pretrained model as one stacked pytree, trained by one vmapped step.
+"""N replicas of the pretrained model as one stacked pytree, trained by one jitted step.
 
 Every leaf gets a leading replica axis; replica ``i`` owns timestep interval
 ``[boundaries[i], boundaries[i + 1])``, its own rng, optimiser state and EMA.
 The frozen teacher (the pretrained model, without projections) is shared.
 Training one replica at a time (for models too big to stack) runs the same
-un-vmapped step on replica ``i``'s slice, so both modes give the same replicas.
+step on replica ``i``'s slice, so both modes give the same replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh, PartitionSpec as P
 
 from deme_jax.deme.intervals import check_global_prob, interval_timesteps
 from deme_jax.deme.objective import deme_loss
@@ -50,14 +51,33 @@ def interval_tasks(boundaries, teacher_params) -> dict:
     return {"low": jnp.asarray(boundaries[:-1]), "high": jnp.asarray(boundaries[1:]), "teacher": teacher_params}
 
 
-TASK_AXES = {"low": 0, "high": 0, "teacher": None}
+def map_over_replicas(step, mesh: Mesh):
+    """``step`` for stacked replicas: every device trains its own replicas, one after another, all in parallel.
+
+    The replica axis is split over the mesh's ``replica`` axis (manual, by
+    ``shard_map``); within a device the un-batched step runs once per local
+    replica (unrolled: XLA:CPU ran a ``lax.map`` of training steps about 20x
+    slower), and the ``data`` axis stays automatic. ``jax.vmap`` would instead
+    batch the convolution kernels into grouped convolutions, which ran about
+    3x slower per replica on XLA:CPU.
+    """
+
+    def local(state, images, task):
+        outputs = [step(replica_slice(state, i), images[i], {"low": task["low"][i], "high": task["high"][i],
+                                                             "teacher": task["teacher"]})
+                   for i in range(images.shape[0])]
+        return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outputs)
+
+    replica = P("replica")
+    return jax.shard_map(local, mesh=mesh, in_specs=(replica, replica, {"low": replica, "high": replica, "teacher": P()}),
+                         out_specs=(replica, replica), axis_names={"replica"}, check_vma=False)
 
 
 def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
                       global_prob: float, consistency_weight: float = 1.0, timestep_weight=None):
     """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
-    ``jax.vmap(step, in_axes=(0, 0, TASK_AXES))`` trains stacked replicas.
+    ``map_over_replicas(step, mesh)`` trains stacked replicas.
     ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss; a
     consistency weight of 0 skips the teacher (plain finetuning).
     """

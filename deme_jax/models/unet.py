@@ -49,6 +49,25 @@ def conv3x3(features: int, name: str, dtype) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
 
 
+class Conv1x1(nn.Module):
+    """A 1x1 convolution (``nn.Conv``'s parameters) computed as a matmul over channels.
+
+    Numerically the same map; written as an einsum because XLA's SPMD
+    partitioner miscomputes a vmapped 1x1 ``conv`` whose replica axis is
+    sharded (measured with jaxlib 0.10.2 on CPU), which stacked replicas are.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype)) + bias.astype(
+            self.dtype)
+
+
 class ResnetBlock2D(nn.Module):
     out_channels: int
     groups: int
@@ -66,7 +85,7 @@ class ResnetBlock2D(nn.Module):
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv3x3(self.out_channels, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv1x1(self.out_channels, dtype=self.dtype, name="conv_shortcut")(x)
         return (x + h) / self.output_scale_factor
 
 

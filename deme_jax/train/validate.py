@@ -43,14 +43,16 @@ def validate_model(model) -> None:
             f"config.model.dtype={model.get('dtype')!r}: use 'float32' or 'bfloat16'.")
 
 
-def validate_config(config, workdir) -> None:
+def validate_config(config, workdir, data_devices: int | None = None) -> None:
+    """``data_devices``: how many devices split each batch (default all of them)."""
     train, optim, ema = config.train, config.optim, config.ema
     require(train.num_steps > 0, f"config.train.num_steps={train.num_steps} must be > 0.")
     require(train.batch_size > 0, f"config.train.batch_size={train.batch_size} must be > 0.")
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    n_dev = jax.device_count() if data_devices is None else data_devices
+    n_proc = jax.process_count()
     require(train.batch_size % n_dev == 0,
-            f"config.train.batch_size={train.batch_size} is not divisible by the {n_dev} devices; "
-            f"use a multiple of {n_dev}.")
+            f"config.train.batch_size={train.batch_size} is not divisible by the {n_dev} devices that split a "
+            f"batch; use a multiple of {n_dev}.")
     require(train.batch_size % n_proc == 0,
             f"config.train.batch_size={train.batch_size} is not divisible by the {n_proc} processes.")
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
