@@ -186,3 +186,47 @@ def test_merge_weights_of_the_wrong_length_and_other_architectures(pretrained, s
     (moved / "checkpoints").symlink_to(workdir / "checkpoints")
     with pytest.raises(ValueError, match="do not have the structure of config.deme.pretrained"):
         merge_replicas(tiny_config(pretrained), moved)
+
+
+@pytest.mark.parametrize("name, layout", [("cifar10_deme", "cifar10"), ("church_deme", "church"),
+                                          ("mnist_deme", "mnist16")])
+def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
+    import importlib
+
+    from configs import mnist16_pretrain
+    from deme_jax.deme.finetune import partition_of, validate_deme_config, with_model
+    from deme_jax.deme.merging import validate_merge_config
+    from deme_jax.interop import model_from_config
+    from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
+    from deme_jax.train import build_model, build_schedule, validate_config
+    from tests.diffusers_util import LSUN_CONFIG
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.deme.pretrained = str(pretrained)  # checked to exist; the model below stands in for it
+    validate_deme_config(config)
+    model = {"cifar10": lambda: model_from_config(DDPM_CIFAR10_CONFIG),
+             "church": lambda: model_from_config(LSUN_CONFIG),
+             "mnist16": lambda: build_model(mnist16_pretrain.get_config().model)}[layout]()
+    config = with_model(config, model.clone(channel_projection=config.deme.channel_projection))
+    N = config.deme.num_replicas
+    validate_config(config, tmp_path)
+    np.testing.assert_array_equal(partition_of(config, build_schedule(config.diffusion)),
+                                  np.linspace(0, 1000, N + 1))
+    validate_merge_config(config.merge, N)
+
+
+def test_deme_commands_from_the_shell(pretrained, tmp_path):
+    overrides = [f"--config.deme.pretrained={pretrained}", "--config.data.image_size=8", "--config.train.batch_size=4",
+                 "--config.train.num_steps=2", "--config.train.eval_every=0", "--config.eval.num_images=8",
+                 "--config.deme.num_replicas=2", "--config.merge.weight_values=(0.0,1.0)"]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "deme_jax.cli", *args], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=600)
+    config = f"--config={ROOT / 'configs' / 'mnist_deme.py'}"
+    bad = run("finetune", config, f"--workdir={tmp_path / 'bad'}", *overrides, "--config.deme.global_prob=2.0")
+    assert bad.returncode == 1 and "deme finetune: config.deme.global_prob=2.0 must lie in [0, 1]" in bad.stderr
+    done = run("finetune", config, f"--workdir={tmp_path / 'run'}", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = run("merge", config, f"--workdir={tmp_path / 'run'}", *overrides)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "merge" / "result.json").read_text())
+    assert len(result["candidates"]) == 4 and (tmp_path / "run" / "merge" / "diffusers" / "config.json").is_file()

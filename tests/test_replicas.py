@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from ml_collections import ConfigDict
 
 from deme_jax.deme import uniform_partition
@@ -69,3 +70,33 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
     # the replicas did move, and apart from each other
     a, b = (flat(replica_slice(stacked, i).params) for i in range(2))
     assert np.linalg.norm(a - b) > 0
+
+
+def test_timestep_weighting_scales_each_example_and_zero_consistency_drops_the_teacher():
+    from configs import deme as deme_config
+    from deme_jax.deme.finetune import timestep_weight
+    from deme_jax.diffusion import min_snr_weight, p2_weight
+
+    schedule = make_schedule()
+    params = init_params(TEACHER, jax.random.key(0))
+    optimizer = optax.sgd(0.0)
+    ema = ConfigDict(dict(max_decay=0.999, inv_gamma=1.0, power=0.75))
+    task = {"low": jnp.int32(0), "high": jnp.int32(1000), "teacher": params}
+    state = create_train_state(params, optimizer, jax.random.key(1))
+    images = jax.random.normal(jax.random.key(2), (4, 16, 16, 1))
+    losses = {}
+    for name, weight, consistency in (("plain", None, 0.0), ("doubled", lambda t: 2.0 * jnp.ones(t.shape), 0.0),
+                                      ("consistency", None, 1.0)):
+        step = make_replica_step(TEACHER, TEACHER, schedule, optimizer, ema, 1, 0.0, consistency, weight)
+        losses[name] = float(jax.jit(step)(state, images, task)[1]["loss"])
+    assert losses["doubled"] == pytest.approx(2 * losses["plain"], rel=1e-6)
+    # the student is the teacher here, so the consistency term is exactly zero
+    assert losses["consistency"] == pytest.approx(losses["plain"], rel=1e-6)
+
+    config = deme_config.get_config()
+    t = jnp.array([0, 10, 500, 999])
+    assert timestep_weight(config, schedule) is None
+    config.deme.update(dict(weighting="min_snr", min_snr_gamma=2.0))
+    np.testing.assert_array_equal(timestep_weight(config, schedule)(t), min_snr_weight(schedule, t, 2.0))
+    config.deme.update(dict(weighting="p2", p2_gamma=0.5, p2_k=2.0))
+    np.testing.assert_array_equal(timestep_weight(config, schedule)(t), p2_weight(schedule, t, 0.5, 2.0))

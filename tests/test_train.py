@@ -261,7 +261,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert_trees_equal(params, good)
 
 
-@pytest.mark.parametrize("name", ["default", "mnist_tiny", "cifar10_ddpm", "church_ddpm"])
+@pytest.mark.parametrize("name", ["default", "mnist_tiny", "mnist16_pretrain", "cifar10_ddpm", "church_ddpm"])
 def test_shipped_configs_are_valid(name, tmp_path):
     import importlib
 
