@@ -230,3 +230,15 @@ def test_deme_commands_from_the_shell(pretrained, tmp_path):
     assert merged.returncode == 0, merged.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "merge" / "result.json").read_text())
     assert len(result["candidates"]) == 4 and (tmp_path / "run" / "merge" / "diffusers" / "config.json").is_file()
+
+
+def test_ant_uw_learns_its_log_variances_and_exports_without_them(pretrained, tmp_path):
+    config = tiny_config(pretrained, num_replicas=1, weighting="uncertainty", uncertainty_tasks=4,
+                         consistency_weight=0.0, channel_projection=False)
+    state = finetune(config, tmp_path)
+    log_variances = np.asarray(state.params["loss_params"]["log_variances"])
+    assert log_variances.shape == (1, 4) and np.abs(log_variances).max() > 1e-4  # learnt, from zeros
+    model, replicas, _, _ = load_replicas(tmp_path)
+    assert "loss_params" not in replicas and not model.channel_projection
+    assert jax.tree_util.tree_structure(replica_slice(replicas, 0)) == jax.tree_util.tree_structure(
+        init_params(PRETRAINED, jax.random.key(0)))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
+from deme_jax.deme.objective import deme_loss, uncertainty_reduction, uncertainty_weighted_loss
 from deme_jax.diffusion import make_schedule
 from deme_jax.diffusion.weighting import min_snr_weight, p2_weight, snr
 
@@ -50,3 +50,12 @@ def test_uncertainty_weighting_by_hand():
     # the optimum of exp(-s) L + s is s = log L
     grad = jax.grad(lambda s: uncertainty_weighted_loss(jnp.array([3.0]), jnp.array([0]), s))(jnp.log(jnp.array([3.0])))
     np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+
+
+def test_uncertainty_reduction_assigns_equal_timestep_intervals():
+    per_example = jnp.array([1.0, 2.0, 3.0, 4.0])
+    t = jnp.array([0, 249, 250, 999])  # tasks 0, 0, 1, 3 of 4
+    s = jnp.array([0.5, -1.0, 0.0, 2.0])
+    expected = np.mean([np.exp(-0.5) * 1 + 0.5, np.exp(-0.5) * 2 + 0.5, np.exp(1.0) * 3 - 1.0, np.exp(-2.0) * 4 + 2])
+    reduce = uncertainty_reduction(1000, 4)
+    assert float(reduce(per_example, t, {"log_variances": s})) == pytest.approx(expected, rel=1e-6)

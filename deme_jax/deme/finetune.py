@@ -28,17 +28,18 @@ from deme_jax.data import make_source
 from deme_jax.data.stream import BatchStream
 from deme_jax.deme.ensemble import TimestepEnsemble
 from deme_jax.deme.intervals import PARTITION_RULES, make_partition
+from deme_jax.deme.objective import uncertainty_reduction
 from deme_jax.deme.replicas import make_replica_step, map_over_replicas, with_identity_projections
 from deme_jax.diffusion import ddim_sample, min_snr_weight, p2_weight
 from deme_jax.train.checkpoints import is_training_workdir, load_model, load_trained_unet
 from deme_jax.train.loop import Job, batch_shape, build_schedule, run_training
 from deme_jax.train.sharding import batch_sharding, make_mesh, replicated
 from deme_jax.train.state import create_train_state, make_optimizer
-from deme_jax.train.step import make_heldout_loss
+from deme_jax.train.step import LOSS_PARAMS, make_heldout_loss, model_params
 from deme_jax.train.validate import ConfigError, require, validate_config
 
 MODES = ("stacked", "sequential")
-WEIGHTINGS = ("none", "min_snr", "p2")
+WEIGHTINGS = ("none", "min_snr", "p2", "uncertainty")
 
 
 def default_deme_config() -> ml_collections.ConfigDict:
@@ -52,10 +53,11 @@ def default_deme_config() -> ml_collections.ConfigDict:
         consistency_weight=1.0,  # lambda of mse(student, frozen pretrained); 0 drops the teacher
         channel_projection=True,  # identity-initialised 1x1 projections after every block
         mode="stacked",  # "stacked" (one jitted step for all replicas) or "sequential"
-        weighting="none",  # loss re-weighting baselines: "none", "min_snr" or "p2"
+        weighting="none",  # loss re-weighting baselines: "none", "min_snr", "p2" or "uncertainty" (ANT-UW)
         min_snr_gamma=5.0,
         p2_gamma=1.0,
         p2_k=1.0,
+        uncertainty_tasks=4,  # ANT-UW: equal timestep intervals, each with a learnt log-variance
     ))
 
 
@@ -71,6 +73,8 @@ def validate_deme_config(config) -> None:
     require(isinstance(deme.num_replicas, int) and deme.num_replicas >= 1,
             f"config.deme.num_replicas={deme.num_replicas!r} must be an int >= 1.")
     require(0.0 <= deme.global_prob <= 1.0, f"config.deme.global_prob={deme.global_prob} must lie in [0, 1].")
+    require(deme.weighting != "uncertainty" or deme.uncertainty_tasks >= 1,
+            f"config.deme.uncertainty_tasks={deme.uncertainty_tasks} must be >= 1.")
     require(deme.consistency_weight >= 0, f"config.deme.consistency_weight={deme.consistency_weight} must be >= 0.")
     require(not (deme.mode == "stacked" and config.mesh.fsdp),
             "config.mesh.fsdp is for one model at a time: use config.deme.mode='sequential' with it.")
@@ -157,9 +161,14 @@ def finetune(config, workdir: str | Path):
     logging.info("DeMe: %d replica(s) on intervals %s, mode %s.", N,
                  [f"[{a}, {b})" for a, b in zip(partition[:-1], partition[1:])], config.deme.mode)
     optimizer = make_optimizer(config.optim)
+    reduce_loss = None
+    if config.deme.weighting == "uncertainty":
+        reduce_loss = uncertainty_reduction(schedule.num_train_timesteps, config.deme.uncertainty_tasks)
+        student_params = {**student_params, LOSS_PARAMS: {
+            "log_variances": jnp.zeros((config.deme.uncertainty_tasks,), jnp.float32)}}
     step = make_replica_step(student, teacher, schedule, optimizer, config.ema, config.train.loss_intervals,
                              config.deme.global_prob, config.deme.consistency_weight,
-                             timestep_weight(config, schedule))
+                             timestep_weight(config, schedule), reduce_loss)
     rngs, streams = replica_rngs(config.seed, N), replica_streams(config)
     heldout = make_heldout_loss(student, schedule, config.train.loss_intervals)
     shape = batch_shape(config)
@@ -180,7 +189,8 @@ def finetune(config, workdir: str | Path):
             state_shardings=lambda abstract: jax.tree_util.tree_map(lambda _: per_replica, abstract),
             mesh=mesh,
             heldout_loss=heldout,
-            sample=lambda params, noise: ddim_sample(ensemble, params, schedule, noise, config.sample.ddim_steps),
+            sample=lambda params, noise: ddim_sample(ensemble, model_params(params), schedule, noise,
+                                                     config.sample.ddim_steps),
             step_args=(task,),
             num_replicas=N,
         )
@@ -201,7 +211,8 @@ def finetune(config, workdir: str | Path):
             state_shardings=lambda abstract: jax.tree_util.tree_map(lambda _: repl, abstract),
             mesh=mesh,
             heldout_loss=heldout,
-            sample=lambda params, noise: ddim_sample(student, params, schedule, noise, config.sample.ddim_steps),
+            sample=lambda params, noise: ddim_sample(student, model_params(params), schedule, noise,
+                                                     config.sample.ddim_steps),
             step_args=(task,),
         )
         logging.info("Replica %d of %d, interval [%d, %d).", i + 1, N, low[i], high[i])

@@ -27,3 +27,12 @@ def uncertainty_weighted_loss(per_example: jax.Array, task: jax.Array, log_varia
     """
     s = log_variances[task]
     return jnp.mean(jnp.exp(-s) * per_example + s)
+
+
+def uncertainty_reduction(num_timesteps: int, num_tasks: int):
+    """ANT-UW as a loss reduction: tasks are ``num_tasks`` equal timestep intervals, ``log_variances`` learnt."""
+
+    def reduce(per_example, t, loss_params):
+        return uncertainty_weighted_loss(per_example, t * num_tasks // num_timesteps, loss_params["log_variances"])
+
+    return reduce

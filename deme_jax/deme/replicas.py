@@ -74,12 +74,13 @@ def map_over_replicas(step, mesh: Mesh):
 
 
 def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
-                      global_prob: float, consistency_weight: float = 1.0, timestep_weight=None):
+                      global_prob: float, consistency_weight: float = 1.0, timestep_weight=None, reduce_loss=None):
     """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
     ``map_over_replicas(step, mesh)`` trains stacked replicas.
-    ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss; a
-    consistency weight of 0 skips the teacher (plain finetuning).
+    ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss,
+    ``reduce_loss`` (ANT-UW) replaces the batch mean; a consistency weight of
+    0 skips the teacher (plain finetuning).
     """
     check_global_prob(global_prob)
     T = schedule.num_train_timesteps
@@ -95,4 +96,4 @@ def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema
             per_example = epsilon_loss(eps, noise)
         return per_example if timestep_weight is None else timestep_weight(t) * per_example
 
-    return make_train_step(student, schedule, optimizer, ema_config, num_intervals, sample, loss)
+    return make_train_step(student, schedule, optimizer, ema_config, num_intervals, sample, loss, reduce_loss)

@@ -55,35 +55,28 @@ def load_trained_unet(workdir: str | Path, step: int | None = None):
     """``(model, ema_params, step)`` from a training workdir's latest (or given) checkpoint.
 
     The EMA parameters are what a run is evaluated and exported with. A DeMe
-    run of stacked replicas gives them stacked (a leading replica axis).
+    run of stacked replicas gives them stacked (a leading replica axis). The
+    loss's own parameters (ANT-UW) are left out. The state is read as saved,
+    onto this process's first device, whatever mesh wrote it.
     """
     import json
 
     from ml_collections import ConfigDict
 
-    from deme_jax.models import init_params
     from deme_jax.train.loop import build_model
-    from deme_jax.train.state import create_train_state, make_optimizer
+    from deme_jax.train.step import model_params
 
     workdir = Path(workdir)
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    model, optimizer = build_model(config.model), make_optimizer(config.optim)
     checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
-    key = jax.random.key(0)
-    init = lambda key: create_train_state(init_params(model, key), optimizer, key)
-    deme = config.get("deme")
-    if deme is not None and deme.mode == "stacked":
-        init = jax.vmap(init)
-        key = jax.random.split(key, deme.num_replicas)
-    abstract = jax.eval_shape(init, key)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    state, _ = checkpoints.restore(step, jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
+    state = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(None, fallback_sharding=device))).state
     checkpoints.close()
-    return model, state.ema_params, step
+    return build_model(config.model), model_params(state["ema_params"]), step
 
 
 def load_model(path: str | Path):

@@ -15,6 +15,17 @@ from deme_jax.train.state import TrainState, ema_decay, ema_update
 TimestepSampler = Callable[[jax.Array, int, object], jax.Array]
 # (eps_pred, noise, x_t, t, task) -> per-example loss of shape (batch_size,)
 PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, object], jax.Array]
+# (per-example loss, t, loss parameters) -> the scalar to minimise
+LossReduction = Callable[[jax.Array, jax.Array, dict], jax.Array]
+
+# A top-level entry of the parameters that the model never sees: trainable
+# parameters of the loss itself (ANT-UW's log-variances). Exports drop it.
+LOSS_PARAMS = "loss_params"
+
+
+def model_params(params: dict) -> dict:
+    """The parameters without the loss's own (``LOSS_PARAMS``)."""
+    return {k: v for k, v in params.items() if k != LOSS_PARAMS}
 
 
 def uniform_timesteps(num_train_timesteps: int) -> TimestepSampler:
@@ -35,11 +46,12 @@ def interval_sums(values: jax.Array, t: jax.Array, num_train_timesteps: int, num
 
 def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
                     num_intervals: int, sample_timesteps: TimestepSampler | None = None,
-                    per_example_loss: PerExampleLoss = denoising_loss):
+                    per_example_loss: PerExampleLoss = denoising_loss, reduce_loss: LossReduction | None = None):
     """Builds ``step(state, images, task=None) -> (state, metrics)``; by default the DDPM objective.
 
     ``task`` (any pytree) reaches the timestep sampler and the loss: DeMe passes
-    each replica's interval and the frozen teacher there, and vmaps the step.
+    each replica's interval and the frozen teacher there. ``reduce_loss``
+    replaces the batch mean, with ``params[LOSS_PARAMS]`` as its parameters.
 
     All randomness comes from ``fold_in(state.rng, state.step)``, drawn for the
     global batch, so a step gives the same result however the batch is sharded
@@ -58,9 +70,11 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
         x_t = add_noise(schedule, images, noise, t)
 
         def loss_fn(params):
-            eps = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng_dropout})
+            eps = model.apply({"params": model_params(params)}, x_t, t, train=True, rngs={"dropout": rng_dropout})
             per_example = per_example_loss(eps, noise, x_t, t, task)
-            return per_example.mean(), per_example
+            if reduce_loss is None:
+                return per_example.mean(), per_example
+            return reduce_loss(per_example, t, params[LOSS_PARAMS]), per_example
 
         (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
@@ -90,7 +104,7 @@ def make_heldout_losses(model, schedule: NoiseSchedule):
     def heldout_losses(params, images, rng):
         t = heldout_timesteps(images.shape[0], schedule.num_train_timesteps)
         noise = jax.random.normal(rng, images.shape, images.dtype)
-        eps = model.apply({"params": params}, add_noise(schedule, images, noise, t), t)
+        eps = model.apply({"params": model_params(params)}, add_noise(schedule, images, noise, t), t)
         return epsilon_loss(eps, noise), t
 
     return heldout_losses
