@@ -100,6 +100,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
         from deme_jax.deme.finetune import finetune
         from deme_jax.deme.merging import merge_replicas
+        from deme_jax.evaluate import evaluate
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
         # orbax narrates every save at INFO; keep the console for progress and metrics.
@@ -107,7 +108,8 @@ def run_config_command(command: str, argv: list[str]) -> None:
             lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
 
         initialize_from_environment()
-        commands = {"pretrain": train_and_evaluate, "finetune": finetune, "merge": merge_replicas}
+        commands = {"pretrain": train_and_evaluate, "finetune": finetune, "merge": merge_replicas,
+                    "evaluate": evaluate}
         try:
             commands[command](flags.FLAGS.config, flags.FLAGS.workdir)
         except (FileNotFoundError, FileExistsError, ValueError) as err:  # ConfigError is a ValueError
@@ -116,14 +118,15 @@ def run_config_command(command: str, argv: list[str]) -> None:
     app.run(run, argv=[f"deme {command}"] + argv)
 
 
-CONFIG_COMMANDS = ("pretrain", "finetune", "merge")
+CONFIG_COMMANDS = ("pretrain", "finetune", "merge", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deme", description=__doc__,
                                      epilog="config commands (--config=FILE --workdir=DIR): `deme pretrain` trains a DDPM; "
                                             "`deme finetune` trains DeMe replicas from config.deme.pretrained; "
-                                            "`deme merge` merges a finetuning workdir's replicas")
+                                            "`deme merge` merges a finetuning workdir's replicas; `deme evaluate` "
+                                            "samples and scores a workdir's model (FID, FD-MNIST)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; training workdir -> orbax "

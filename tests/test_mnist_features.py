@@ -51,8 +51,8 @@ def test_fd_mnist_refuses_what_it_cannot_read():
 
 def test_the_training_recipe_learns():
     images, labels = mnist_digits()
-    heldout = mnist_split()[1]
-    params = train_classifier(steps=60)
+    train, heldout = mnist_split()
+    params = train_classifier(images[train][..., None], labels[train], steps=60)
     from deme_jax.metrics.mnist_features import DigitClassifier, preprocess
 
     logits = DigitClassifier().apply({"params": params}, preprocess(images[heldout][..., None]))

@@ -62,13 +62,9 @@ def check_digits(images) -> np.ndarray:
     return images
 
 
-def train_classifier(seed: int = 0, steps: int = 1_500, batch_size: int = 128) -> dict:
-    """Trains on the embedded training digits with Adam; returns the parameters."""
-    from deme_jax.data.sources import mnist_digits, mnist_split
-
-    digits, labels = mnist_digits()
-    train = mnist_split()[0]
-    images, targets = digits[train][..., None], labels[train]
+def train_classifier(images: np.ndarray, targets: np.ndarray, seed: int = 0, steps: int = 1_500,
+                     batch_size: int = 128) -> dict:
+    """Trains on uint8 (N, H, W, 1) digits and their labels with Adam; returns the parameters."""
     model = DigitClassifier()
     params = model.init(jax.random.key(seed), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 1)))["params"]
     optimizer = optax.adam(1e-3)
@@ -138,9 +134,9 @@ def main() -> None:
     args = parser.parse_args()
     from deme_jax.data.sources import mnist_digits, mnist_split
 
-    save_classifier(train_classifier(args.seed), args.out)
     digits, labels = mnist_digits()
-    heldout = mnist_split()[1]
+    train, heldout = mnist_split()
+    save_classifier(train_classifier(digits[train][..., None], labels[train], args.seed), args.out)
     accuracy = float((classify(digits[heldout][..., None], args.out) == labels[heldout]).mean())
     print(f"wrote {args.out}; held-out accuracy {accuracy:.4f}")
 
