@@ -56,7 +56,8 @@ def test_first_images_do_not_depend_on_how_many_are_drawn():
 def test_the_reference_scores_itself_as_zero():
     config = eval_config(metrics=("fd_mnist",))
     scorer = Scorer(config.evaluate, config.data)
-    assert scorer.score(reference_images("heldout", config.data, 40))["fd_mnist"] == pytest.approx(0, abs=1e-6)
+    # 40 images of 128-d features: a rank-39 covariance, whose matrix square root is accurate to about 1e-4
+    assert scorer.score(reference_images("heldout", config.data, 40))["fd_mnist"] == pytest.approx(0, abs=1e-3)
 
 
 def test_bad_evaluation_settings(tmp_path):
