@@ -8,6 +8,7 @@ set on the command line: ``deme pretrain --config=configs/mnist_tiny.py
 import ml_collections
 
 from deme_jax.data import default_data_config
+from deme_jax.analyze import default_analyze_config
 from deme_jax.evaluate import default_evaluate_config
 
 
@@ -80,4 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict(dict(num_images=64, ddim_steps=50))
     config.mesh = ml_collections.ConfigDict(dict(fsdp=False))  # shard parameters over the data axis
     config.evaluate = default_evaluate_config()  # `deme evaluate`: see deme_jax.evaluate
+    config.analyze = default_analyze_config()  # `deme analyze`: see deme_jax.analyze
     return config

@@ -100,6 +100,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
         from deme_jax.deme.finetune import finetune
         from deme_jax.deme.merging import merge_replicas
+        from deme_jax.analyze import analyze
         from deme_jax.evaluate import evaluate
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
@@ -109,7 +110,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
         initialize_from_environment()
         commands = {"pretrain": train_and_evaluate, "finetune": finetune, "merge": merge_replicas,
-                    "evaluate": evaluate}
+                    "evaluate": evaluate, "analyze": analyze}
         try:
             commands[command](flags.FLAGS.config, flags.FLAGS.workdir)
         except (FileNotFoundError, FileExistsError, ValueError) as err:  # ConfigError is a ValueError
@@ -118,7 +119,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
     app.run(run, argv=[f"deme {command}"] + argv)
 
 
-CONFIG_COMMANDS = ("pretrain", "finetune", "merge", "evaluate")
+CONFIG_COMMANDS = ("pretrain", "finetune", "merge", "evaluate", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="config commands (--config=FILE --workdir=DIR): `deme pretrain` trains a DDPM; "
                                             "`deme finetune` trains DeMe replicas from config.deme.pretrained; "
                                             "`deme merge` merges a finetuning workdir's replicas; `deme evaluate` "
-                                            "samples and scores a workdir's model (FID, FD-MNIST)")
+                                            "samples and scores a workdir's model (FID, FD-MNIST); `deme analyze` "
+                                            "draws its gradient-conflict and loss-landscape figures")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="diffusers dir <-> orbax checkpoint; training workdir -> orbax "

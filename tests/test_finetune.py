@@ -242,3 +242,16 @@ def test_ant_uw_learns_its_log_variances_and_exports_without_them(pretrained, tm
     assert "loss_params" not in replicas and not model.channel_projection
     assert jax.tree_util.tree_structure(replica_slice(replicas, 0)) == jax.tree_util.tree_structure(
         init_params(PRETRAINED, jax.random.key(0)))
+
+
+def test_analyze_a_finetuning_workdir_along_its_task_vectors(pretrained, stacked_run):
+    from deme_jax.analyze import analyze
+
+    workdir, _ = stacked_run
+    config = tiny_config(pretrained)
+    config.analyze.update(dict(num_images=8, num_batches=1, landscape_images=16, grid_size=3))
+    summary = analyze(config, workdir)
+    assert summary["directions"] == "task_vectors" and summary["boundaries"] == [0, 500, 1000]
+    assert np.asarray(summary["gradient_cosine"]).shape == (2, 2)
+    grid = np.load(workdir / "analysis" / "landscape.npz")["loss"]
+    assert grid.shape == (3, 3, 3) and np.all(np.isfinite(grid))

@@ -1,0 +1,122 @@
+"""``deme analyze``: the gradient-conflict heatmap and the loss-landscape contours of a model.
+
+    deme analyze --config=FILE --workdir=DIR   # writes DIR/analysis/*
+
+The model is config.analyze.model, else DIR's: for a DeMe finetuning workdir
+its pretrained model, for a training workdir its EMA weights. The landscape's
+directions are the task vectors of the first and last replicas when DIR holds
+replicas ("task_vectors"), else filter-normalised random directions ("random").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from deme_jax.analysis import filter_normalized_direction, gradient_conflict, landscape, plot_conflict, plot_landscape
+from deme_jax.data import heldout_images, make_source
+from deme_jax.data.stream import to_model_range
+from deme_jax.deme.intervals import uniform_partition
+from deme_jax.train import build_schedule
+from deme_jax.train.checkpoints import is_training_workdir, load_model
+
+DIRECTIONS = ("auto", "random", "task_vectors")
+
+
+def default_analyze_config() -> ml_collections.ConfigDict:
+    """The ``config.analyze`` fields."""
+    return ml_collections.ConfigDict(dict(
+        model="",  # "" = the workdir's (pretrained model of a DeMe run, else its EMA weights), or a path
+        num_intervals=4,  # K equal timestep intervals (a DeMe workdir uses its own partition)
+        num_images=128,  # training images per gradient batch
+        num_batches=4,  # gradients are summed over this many batches before the cosines
+        landscape_images=256,  # held-out images for each landscape point
+        grid_size=11,  # points per landscape axis
+        span=1.0,  # the plane covers [-span, span] along each direction
+        directions="auto",  # "auto", "random" or "task_vectors"
+        seed=0,
+    ))
+
+
+def training_batches(data_config, num_batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    source = make_source(data_config)
+    order = np.random.default_rng(seed).permutation(len(source))
+    return [to_model_range(np.stack([source[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]))
+            for k in range(num_batches)]
+
+
+def analyze(config, workdir: str | Path) -> dict:
+    """Writes DIR/analysis/{gradient_conflict.png,.npy, landscape.png,.npz, summary.json}; returns the summary."""
+    workdir = Path(workdir)
+    settings = config.analyze
+    if settings.directions not in DIRECTIONS:
+        raise ValueError(f"config.analyze.directions={settings.directions!r}: use one of {list(DIRECTIONS)}.")
+    replicas = None
+    boundaries = uniform_partition(config.diffusion.num_train_timesteps, settings.num_intervals)
+    run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}
+    if settings.model:
+        model, params = load_model(settings.model)
+    elif "deme" in run:
+        from deme_jax.deme.finetune import load_pretrained, load_replicas
+
+        _, replicas, boundaries, run_config = load_replicas(workdir)
+        model, params, student, base = load_pretrained(run_config)
+    elif is_training_workdir(workdir):
+        model, params = load_model(workdir)
+    elif "deme" in config and config.deme.pretrained:
+        model, params = load_model(config.deme.pretrained)
+    else:
+        raise FileNotFoundError(f"{workdir} holds no run to analyse; set config.analyze.model to a model path.")
+    schedule = build_schedule(config.diffusion)
+    rng = jax.random.key(settings.seed)
+    out = workdir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+
+    logging.info("gradient conflict over %s", boundaries.tolist())
+    batches = training_batches(config.data, settings.num_batches, settings.num_images, settings.seed)
+    conflict = gradient_conflict(model, params, schedule, batches, boundaries, rng)
+    np.save(out / "gradient_conflict.npy", conflict)
+    plot_conflict(conflict, boundaries, out / "gradient_conflict.png")
+
+    directions = settings.directions
+    if directions == "auto":
+        directions = "task_vectors" if replicas is not None else "random"
+    if directions == "task_vectors":
+        if replicas is None:
+            raise ValueError("config.analyze.directions='task_vectors' needs a DeMe finetuning workdir.")
+        from deme_jax.merge import task_vectors
+
+        taus = task_vectors(base, replicas)
+        d1, d2 = (jax.tree_util.tree_map(lambda x, i=i: x[i], taus) for i in (0, len(boundaries) - 2))
+        center, landscape_model, labels = base, student, ("task vector 1 (low t)", "task vector N (high t)")
+    else:
+        r1, r2 = jax.random.split(jax.random.fold_in(rng, 1))
+        d1, d2 = filter_normalized_direction(params, r1), filter_normalized_direction(params, r2)
+        center, landscape_model, labels = params, model, ("random direction 1", "random direction 2")
+    coordinates = np.linspace(-settings.span, settings.span, settings.grid_size)
+    images = heldout_images(config.data, settings.landscape_images)
+    logging.info("loss landscape on a %dx%d grid along %s", settings.grid_size, settings.grid_size, directions)
+    grid = landscape(landscape_model, center, schedule, images, d1, d2, boundaries, coordinates,
+                     jax.random.fold_in(rng, 2))
+    np.savez(out / "landscape.npz", loss=grid, coordinates=coordinates, boundaries=boundaries)
+    plot_landscape(grid, coordinates, boundaries, out / "landscape.png", labels)
+
+    center_index = settings.grid_size // 2
+    summary = {
+        "boundaries": [int(b) for b in boundaries],
+        "gradient_cosine": conflict.tolist(),
+        "directions": directions,
+        "landscape_minimum": [  # where each range's loss is lowest on the plane
+            {"range": name, "a": float(coordinates[j]), "b": float(coordinates[i]), "loss": float(values[i, j]),
+             "loss_at_center": float(values[center_index, center_index])}
+            for name, values in zip(["all"] + [f"{a}-{b}" for a, b in zip(boundaries[:-1], boundaries[1:])], grid)
+            for i, j in [np.unravel_index(np.argmin(values), values.shape)]],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logging.info("wrote %s", out)
+    return summary
