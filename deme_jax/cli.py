@@ -116,7 +116,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
     def run(_):
         from deme_jax.analyze import analyze
         from deme_jax.deme.finetune import finetune
-        from deme_jax.deme.merging import merge_replicas
+        from deme_jax.merging import merge_replicas
         from deme_jax.evaluate import evaluate
         from deme_jax.train import initialize_from_environment, train_and_evaluate
 
@@ -137,8 +137,8 @@ CONFIG_COMMANDS = ("pretrain", "finetune", "merge", "evaluate", "analyze")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deme", description=__doc__,
-                                     epilog="config commands (--config=FILE --workdir=DIR): `deme pretrain` trains a DDPM; "
-                                            "`deme finetune` trains DeMe replicas from config.deme.pretrained; "
+                                     epilog="config commands (--config=FILE --workdir=DIR): `deme pretrain` trains "
+                                            "a DDPM; `deme finetune` trains DeMe replicas from config.deme.pretrained; "
                                             "`deme merge` merges a finetuning workdir's replicas; `deme evaluate` "
                                             "samples and scores a workdir's model (FID, FD-MNIST); `deme analyze` "
                                             "draws its gradient-conflict and loss-landscape figures")

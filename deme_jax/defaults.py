@@ -9,8 +9,9 @@ import ml_collections
 from deme_jax.analyze import default_analyze_config
 from deme_jax.assets import MNIST16_DDPM
 from deme_jax.data import default_data_config
-from deme_jax.deme import default_deme_config, default_merge_config
+from deme_jax.deme import default_deme_config
 from deme_jax.evaluate import default_evaluate_config
+from deme_jax.merging import default_merge_config
 
 
 def training_config() -> ml_collections.ConfigDict:

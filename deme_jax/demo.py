@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging
 
 from deme_jax.assets import MNIST16_DDPM
 
@@ -77,7 +76,7 @@ def demo_configs(preset: Preset, pretrained: str):
 
 def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int) -> dict:
     """Mean and spread over noise draws of the held-out loss in each interval."""
-    from deme_jax.deme.merging import make_interval_loss
+    from deme_jax.merging import make_interval_loss
 
     draws = np.stack([make_interval_loss(model, schedule, images, partition, jax.random.key(100 + k))(params)
                       for k in range(seeds)])
@@ -89,9 +88,10 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     from deme_jax.analysis import gradient_conflict, plot_conflict
     from deme_jax.analyze import training_batches
     from deme_jax.data import heldout_images
-    from deme_jax.deme import TimestepEnsemble, finetune, load_replicas, merge_replicas
+    from deme_jax.deme import TimestepEnsemble, finetune, load_replicas
     from deme_jax.deme.finetune import load_pretrained
     from deme_jax.evaluate import Scorer, evaluate_model, sample_images
+    from deme_jax.merging import merge_replicas
     from deme_jax.train import build_schedule
     from deme_jax.train.checkpoints import load_model
 

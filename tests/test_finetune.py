@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs import deme as deme_config
-from deme_jax.deme import TimestepEnsemble, finetune, load_replicas, merge_replicas
+from deme_jax.deme import TimestepEnsemble, finetune, load_replicas
 from deme_jax.deme.replicas import replica_slice, with_identity_projections
 from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_unet
+from deme_jax.merging import merge_replicas
 from deme_jax.merge import merge
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train import ConfigError
@@ -195,7 +196,7 @@ def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
 
     from configs import mnist16_pretrain
     from deme_jax.deme.finetune import partition_of, validate_deme_config, with_model
-    from deme_jax.deme.merging import validate_merge_config
+    from deme_jax.merging import validate_merge_config
     from deme_jax.interop import model_from_config
     from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
     from deme_jax.train import build_model, build_schedule, validate_config
@@ -255,3 +256,19 @@ def test_analyze_a_finetuning_workdir_along_its_task_vectors(pretrained, stacked
     assert np.asarray(summary["gradient_cosine"]).shape == (2, 2)
     grid = np.load(workdir / "analysis" / "landscape.npz")["loss"]
     assert grid.shape == (3, 3, 3) and np.all(np.isfinite(grid))
+
+
+def test_merge_scored_by_fd_mnist_of_samples(pretrained, stacked_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(stacked_run[0], workdir, ignore=shutil.ignore_patterns("merge", "analysis"))
+    config = tiny_config(pretrained)
+    config.merge.update(dict(metric="fd_mnist", search="coordinate", weight_values=(0.0, 1.0), init=0.0,
+                             max_rounds=1))
+    config.evaluate.update(dict(num_samples=16, batch_size=16, ddim_steps=2, num_reference=32))
+    result = merge_replicas(config, workdir)
+    assert result["metric"] == "fd_mnist" and result["candidates"][0]["weights"] == [0.0, 0.0]
+    # the all-zero candidate is the pretrained model, sampled from the same noise
+    assert result["candidates"][0]["score"] == pytest.approx(result["pretrained_score"], rel=1e-6)
+    assert len(result["candidates"]) == 3  # coordinate descent: start, then each weight set to 1

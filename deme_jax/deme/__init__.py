@@ -12,14 +12,12 @@ from deme_jax.deme.intervals import (
     replica_timesteps,
     uniform_partition,
 )
-from deme_jax.deme.merging import default_merge_config, merge_replicas
 from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
 
 __all__ = [
     "TimestepEnsemble",
     "check_global_prob",
     "default_deme_config",
-    "default_merge_config",
     "deme_loss",
     "explicit_partition",
     "finetune",
@@ -28,7 +26,6 @@ __all__ = [
     "log_snr",
     "log_snr_partition",
     "make_partition",
-    "merge_replicas",
     "replica_timesteps",
     "uncertainty_weighted_loss",
     "uniform_partition",

@@ -17,7 +17,7 @@ from deme_jax.models import UNet2D
 
 @dataclasses.dataclass(frozen=True)
 class TimestepEnsemble:
-    """``apply({"params": stacked}, x, t)`` with replica ``i`` of ``stacked`` serving ``[boundaries[i], boundaries[i+1])``."""
+    """``apply({"params": stacked}, x, t)``; replica ``i`` serves ``[boundaries[i], boundaries[i + 1])``."""
 
     model: UNet2D
     boundaries: tuple[int, ...]

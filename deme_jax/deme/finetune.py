@@ -131,8 +131,8 @@ def replica_rngs(seed: int, num_replicas: int) -> jax.Array:
 def replica_streams(config) -> list[BatchStream]:
     """Replica i's batches: its own order of the training set, the same in either mode and on any process."""
     source = make_source(config.data)
-    return [BatchStream(source, config.train.batch_size, seed=config.seed * 1_000 + i, random_flip=config.data.random_flip)
-            for i in range(config.deme.num_replicas)]
+    return [BatchStream(source, config.train.batch_size, seed=config.seed * 1_000 + i,
+                        random_flip=config.data.random_flip) for i in range(config.deme.num_replicas)]
 
 
 def array_from_rows(make_rows, shape, sharding) -> jax.Array:

@@ -69,8 +69,9 @@ def map_over_replicas(step, mesh: Mesh):
         return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outputs)
 
     replica = P("replica")
-    return jax.shard_map(local, mesh=mesh, in_specs=(replica, replica, {"low": replica, "high": replica, "teacher": P()}),
-                         out_specs=(replica, replica), axis_names={"replica"}, check_vma=False)
+    task_specs = {"low": replica, "high": replica, "teacher": P()}
+    return jax.shard_map(local, mesh=mesh, in_specs=(replica, replica, task_specs), out_specs=(replica, replica),
+                         axis_names={"replica"}, check_vma=False)
 
 
 def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
