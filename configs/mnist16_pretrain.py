@@ -1,9 +1,14 @@
 """The tiny DDPM that `deme demo` ships: 16x16 embedded MNIST digits, trained to convergence on a CPU.
 
     deme pretrain --config=configs/mnist16_pretrain.py --workdir=/tmp/mnist16
-    deme convert /tmp/mnist16 deme_jax/assets/mnist16_ddpm   # the EMA weights, as shipped
+    deme convert /tmp/mnist16 /tmp/mnist16_orbax                    # the EMA weights
+    deme convert /tmp/mnist16_orbax deme_jax/assets/mnist16_ddpm    # as shipped: a diffusers directory
 
-Hardware: a 2-core CPU. Cost: see the measured numbers below.
+Hardware: a 2-core CPU. Cost: 20,000 steps at batch 64, about 4 steps/s on 2
+free cores (1.4 hours; longer when the cores are shared). The cosine decay to
+1% of the learning rate lets the held-out loss settle: DeMe's premise is a
+converged pretrained model, and an unconverged one simply keeps improving
+under any finetuning.
 """
 
 from configs import default
