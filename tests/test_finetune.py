@@ -80,6 +80,7 @@ def test_stacked_and_sequential_modes_give_the_same_replicas(pretrained, stacked
     assert relative_l2(a, b) < 1e-4
 
 
+@pytest.mark.slow
 def test_replicas_sharded_over_eight_devices_match_one_device(pretrained, stacked_run, tmp_path):
     script = ("import json, sys, jax; from tests.test_finetune import tiny_config; from deme_jax.deme import finetune\n"
               "s = finetune(tiny_config(sys.argv[1]), sys.argv[2])\n"
@@ -216,6 +217,7 @@ def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
     validate_merge_config(config.merge, N)
 
 
+@pytest.mark.slow
 def test_deme_commands_from_the_shell(pretrained, tmp_path):
     overrides = [f"--config.deme.pretrained={pretrained}", "--config.data.image_size=8", "--config.train.batch_size=4",
                  "--config.train.num_steps=2", "--config.train.eval_every=0", "--config.eval.num_images=8",

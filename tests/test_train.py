@@ -141,6 +141,7 @@ def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
     assert_trees_equal(params, final_params(uninterrupted)[1])
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_losses_of_one(tmp_path):
     script = (
         "import json, sys; from deme_jax.train import train_and_evaluate; from tests import tiny_config\n"
@@ -179,6 +180,7 @@ def tf_tensor_value(event):
     return tf.make_ndarray(event.tensor_proto)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(uninterrupted, tmp_path):
     """Two processes on localhost (one CPU device each, gloo), started by launch/local.sh, compute the
     one-process run."""
