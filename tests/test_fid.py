@@ -379,6 +379,8 @@ def test_bad_images_are_refused():
 def test_bad_statistics_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 2"):
         fid.compute_statistics(np.zeros((1, 8)))
+    with pytest.warns(UserWarning, match="rank at most 9 < 64, so FID is strongly biased"):
+        fid.compute_statistics(np.random.default_rng(0).normal(size=(10, 64)))  # warned, still computed
     with pytest.raises(ValueError, match="different dimensions"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match=r"mu must be \(D,\)"):
