@@ -34,6 +34,7 @@ def default_evaluate_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         model="",  # "" = the workdir's model: DIR/merge/orbax if merged, else the run's EMA weights; or a path
         num_samples=1_000,  # per seed
+        fid_samples=0,  # FID and KID on the first this-many samples (0: all); Inception is the slow part
         num_seeds=1,  # initial-noise seeds; the spread over them is reported
         batch_size=250,
         sampler="ddim",  # "ddim" or "ddpm" (every training timestep)
@@ -100,6 +101,7 @@ class Scorer:
         if unknown:
             raise ValueError(f"config.evaluate.metrics has {unknown}; supported: {list(METRICS)}.")
         self.metrics = metrics
+        self.fid_samples = eval_config.fid_samples
         npz = str(eval_config.reference).endswith(".npz")
         if npz and set(metrics) - {"fid"}:
             raise ValueError(f"config.evaluate.reference={eval_config.reference!r} holds FID statistics only; "
@@ -125,7 +127,7 @@ class Scorer:
 
         scores = {}
         if self.inception is not None:
-            features = self.inception(rgb(images))
+            features = self.inception(rgb(images[:self.fid_samples or None]))
             if "fid" in self.metrics:
                 scores["fid"] = frechet_distance(*compute_statistics(features), *self.fid_reference)
             if "kid" in self.metrics:
@@ -154,6 +156,7 @@ def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Sc
                       "std": float(np.std([s[name] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
                for name in per_seed[0]}
     return {"per_seed": per_seed, "summary": summary, "num_samples": eval_config.num_samples,
+            "fid_samples": eval_config.fid_samples or eval_config.num_samples,
             "num_reference": scorer.num_reference, "sampler": eval_config.sampler,
             "ddim_steps": eval_config.ddim_steps}
 

@@ -53,6 +53,14 @@ def test_first_images_do_not_depend_on_how_many_are_drawn():
     np.testing.assert_array_equal(few, more[:3])
 
 
+def test_fid_on_the_first_samples_only():
+    config = eval_config(metrics=("fid",), fid_samples=20)
+    scorer = Scorer(config.evaluate, config.data)
+    images = reference_images("train", config.data, 40)
+    assert scorer.score(images)["fid"] == pytest.approx(scorer.score(images[:20])["fid"], rel=1e-9)
+    assert scorer.score(images)["fid"] != scorer.score(images[20:])["fid"]
+
+
 def test_the_reference_scores_itself_as_zero():
     config = eval_config(metrics=("fd_mnist",))
     scorer = Scorer(config.evaluate, config.data)
