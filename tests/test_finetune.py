@@ -104,6 +104,7 @@ def test_finetune_writes_per_replica_metrics_and_ensemble_samples(stacked_run):
     assert config["model"]["channel_projection"] is True and config["model"]["sample_size"] == 8
 
 
+@pytest.mark.slow
 def test_resumed_finetuning_continues_where_it_stopped(pretrained, stacked_run, tmp_path):
     config = tiny_config(pretrained)
     config.train.num_steps = 2

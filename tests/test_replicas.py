@@ -32,6 +32,7 @@ def test_identity_projections_leave_the_pretrained_output_unchanged():
     assert len(kernels) == 2 + 1 + 2  # after each down block, the mid block, each up block
 
 
+@pytest.mark.slow  # the same property through `deme finetune` runs by default in test_finetune.py
 def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
     n, batch, steps = 2, 4, 3
     schedule = make_schedule()

@@ -99,6 +99,7 @@ def wait_for_checkpoint(workdir: Path, step: int, process, timeout=180):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_save_killed_half_way_leaves_the_last_good_checkpoint(uninterrupted, tmp_path):
     """SIGKILL while orbax writes a checkpoint's temporary directory; the restart ignores it and
     still ends bit-identical to the uninterrupted run."""
@@ -118,7 +119,8 @@ def test_save_killed_half_way_leaves_the_last_good_checkpoint(uninterrupted, tmp
     assert_trees_equal(final_params(tmp_path)[1], final_params(uninterrupted)[1])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["sigkill", "sigterm"])
 def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
     """A run stopped part-way and started again ends with the uninterrupted run's parameters, bit for bit."""
     args = ["pretrain", f"--config={CONFIG}", f"--workdir={tmp_path}"]
