@@ -17,14 +17,13 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.unet_ddim import cpu_name  # noqa: E402
+from benchmarks.unet_ddim import machine  # noqa: E402
 from deme_jax.xla_cpu import use_all_cores_for_convolutions  # noqa: E402
 
 
@@ -107,8 +106,7 @@ def main() -> None:
         "benchmark": "fid",
         "settings": {"images": args.images, "batch": args.batch, "samples": args.samples,
                      "model": model_path or "mnist16 architecture, random weights"},
-        "machine": {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                    "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version()},
+        "machine": machine(),
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
                      "torch": torch.__version__, "pytorch_fid": importlib.metadata.version("pytorch-fid")},
         "xla_cpu_convolution_flag": flag,

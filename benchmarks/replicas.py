@@ -20,13 +20,12 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.unet_ddim import cpu_name  # noqa: E402
+from benchmarks.unet_ddim import machine  # noqa: E402
 from deme_jax.xla_cpu import use_all_cores_for_convolutions  # noqa: E402
 
 MODELS = {
@@ -170,8 +169,7 @@ def main() -> None:
     record = {
         "benchmark": "replicas",
         "settings": {"model": args.model, "batch_per_replica": args.batch, "steps": args.steps, "impl": args.impl},
-        "machine": {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                    "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version()},
+        "machine": machine(),
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")},
         "xla_cpu_convolution_flag": flag,
         "jax": rows,

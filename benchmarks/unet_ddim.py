@@ -44,6 +44,14 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def machine() -> dict:
+    """The host, CPU, cores, JAX devices and Python a result was measured with."""
+    import jax
+
+    return {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
@@ -115,8 +123,7 @@ def main() -> None:
         "benchmark": "unet_ddim",
         "settings": {"batch": b, "ddim_steps": args.steps, "repeats": args.repeats, "image": "32x32x3",
                      "model": "google/ddpm-cifar10-32 architecture (35,746,307 parameters), random weights"},
-        "machine": {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                    "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version()},
+        "machine": machine(),
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "torch": torch.__version__, "diffusers": diffusers.__version__},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_cpu_convolution_flag": flag,
