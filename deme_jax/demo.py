@@ -33,7 +33,7 @@ class Preset:
     num_seeds: int  # initial-noise seeds (and held-out noise draws) for the spread
     ddim_steps: int
     weight_values: tuple[float, ...]  # the merge grid, per replica
-    heldout_images: int
+    heldout_images: int  # the merge search scores on the first half, the report's held-out loss uses the second
 
 
 PRESETS = {
@@ -50,10 +50,16 @@ class Progress:
     """Stage lines on the console with the time since the start."""
 
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.stages = {}
 
     def __call__(self, message: str) -> None:
         print(f"[demo {time.perf_counter() - self.start:6.0f} s] {message}", flush=True)
+
+    def stage(self, name: str) -> None:
+        """Records the seconds since the previous stage ended."""
+        now = time.perf_counter()
+        self.stages[name], self.last = now - self.last, now
 
 
 def demo_configs(preset: Preset, pretrained: str):
@@ -64,7 +70,7 @@ def demo_configs(preset: Preset, pretrained: str):
     deme.deme.pretrained = pretrained
     deme.train.update(dict(num_steps=preset.replica_steps, eval_every=0, sample_every=0,
                            checkpoint_every=max(preset.replica_steps, 1), log_every=max(preset.replica_steps // 5, 1)))
-    deme.eval.num_images = preset.heldout_images
+    deme.eval.num_images = preset.heldout_images // 2  # the merge search's digits; the report uses the others
     deme.merge.update(dict(search="grid", weight_values=preset.weight_values))
     baseline = deme.copy_and_resolve_references()
     n = deme.deme.num_replicas
@@ -75,13 +81,35 @@ def demo_configs(preset: Preset, pretrained: str):
 
 
 def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int) -> dict:
-    """Mean and spread over noise draws of the held-out loss in each interval."""
+    """Mean, spread and values over noise draws (the same draws for every model) of the loss in each interval."""
     from deme_jax.merging import make_interval_loss
 
-    draws = np.stack([make_interval_loss(model, schedule, images, partition, jax.random.key(100 + k))(params)
-                      for k in range(seeds)])
+    loss = make_interval_loss(model, schedule, images, partition, jax.random.key(100))
+    draws = np.stack([loss(params, jax.random.key(100 + k)) for k in range(seeds)])
     return {"mean": draws.mean(0).tolist(), "std": draws.std(0, ddof=1).tolist() if seeds > 1 else [0.0] * len(
-        partition[:-1])}
+        partition[:-1]), "per_seed": draws.tolist()}
+
+
+def paired_difference(a, b) -> dict:
+    """``a - b`` over seeds that share their noise, and whether it is clear: |mean| > 2 standard errors."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    sem = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf
+    return {"mean": float(d.mean()), "sem": float(sem), "clear": bool(abs(d.mean()) > 2 * sem)}
+
+
+COMPARISONS = (("deme_merged", "finetune_n1"), ("deme_merged", "pretrained"), ("finetune_n1", "pretrained"),
+               ("deme_merged", "ensemble"))
+
+
+def compare_models(results: dict) -> list[dict]:
+    """Each pair of COMPARISONS on FID, FD-MNIST and the held-out loss relative to the pretrained model's."""
+    pre = np.asarray(results["pretrained"]["loss_by_interval"]["per_seed"])
+    per_seed = {name: {"fid": row["fid"]["per_seed"], "fd_mnist": row["fd_mnist"]["per_seed"],
+                       "loss_ratio": (np.asarray(row["loss_by_interval"]["per_seed"]) / pre).mean(1)}
+                for name, row in results.items()}
+    return [{"model": a, "against": b, "metric": metric,
+             **paired_difference(per_seed[a][metric], per_seed[b][metric])}
+            for a, b in COMPARISONS for metric in ("fid", "fd_mnist", "loss_ratio")]
 
 
 def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | None = None) -> dict:
@@ -111,12 +139,16 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     progress(f"1/6 DeMe: {n} replicas x {settings.replica_steps} steps (p={deme_config.deme.global_prob}, "
              "consistency loss, channel projections)")
     finetune(deme_config, workdir / "deme")
+    progress.stage("deme_finetune")
     progress(f"2/6 N=1 finetuning baseline: {n * settings.replica_steps} steps")
     finetune(baseline_config, workdir / "finetune_n1")
-    progress("3/6 merging: weight search on the per-interval held-out loss")
+    progress.stage("finetune_n1")
+    progress("3/6 merging: weight search on the per-interval loss of held-out digits "
+             f"0-{settings.heldout_images // 2 - 1}")
     if not (workdir / "deme" / "merge" / "result.json").is_file():
         merge_replicas(deme_config, workdir / "deme")
     merge = json.loads((workdir / "deme" / "merge" / "result.json").read_text())
+    progress.stage("merge")
 
     teacher, teacher_params, _, _ = load_pretrained(deme_config)
     student, replicas, partition, _ = load_replicas(workdir / "deme")
@@ -128,7 +160,8 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
               "ensemble": (TimestepEnsemble(student, tuple(int(b) for b in partition)), replicas)}
 
     progress(f"4/6 evaluating 4 models: {settings.eval_samples} samples x {settings.num_seeds} seeds "
-             f"(FID on {settings.fid_samples}, FD-MNIST on all), held-out loss per interval")
+             f"(FID on {settings.fid_samples}, FD-MNIST on all), loss per interval on held-out digits "
+             f"{settings.heldout_images // 2}-{settings.heldout_images - 1}")
     schedule = build_schedule(deme_config.diffusion)
     evaluation = deme_config.evaluate
     evaluation.update(dict(num_samples=settings.eval_samples, fid_samples=settings.fid_samples,
@@ -137,17 +170,19 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
                            metrics=("fid", "fd_mnist"),
                            num_reference=settings.heldout_images))
     scorer = Scorer(evaluation, deme_config.data)
-    images = heldout_images(deme_config.data, settings.heldout_images)
+    images = heldout_images(deme_config.data, settings.heldout_images)[settings.heldout_images // 2:]
     results = {}
     for name, (model, params) in models.items():
         scores = evaluate_model(model, params, schedule, evaluation, deme_config.data, scorer)
         results[name] = {
-            **{metric: scores["summary"][metric] for metric in scores["summary"]},
+            **{metric: {**summary, "per_seed": [s[metric] for s in scores["per_seed"]]}
+               for metric, summary in scores["summary"].items()},
             "loss_by_interval": heldout_loss_by_interval(model, params, schedule, images, partition,
                                                          settings.num_seeds),
         }
         progress(f"   {name}: " + ", ".join(f"{m} {v['mean']:.2f} +- {v['std']:.2f}"
                                             for m, v in scores["summary"].items()))
+    progress.stage("evaluate")
     progress("5/6 figures: samples from the same noise, gradient conflict, merge-weight search")
     shape = (deme_config.data.image_size, deme_config.data.image_size, deme_config.data.channels)
     grids = {name: sample_images(model, params, schedule, 16, shape, seed=evaluation.seed, batch_size=16,
@@ -157,6 +192,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     conflict = gradient_conflict(teacher, teacher_params, schedule, batches, partition, jax.random.key(0))
     plot_conflict(conflict, partition, workdir / "gradient_conflict.png")
     (workdir / "merge_search.png").write_bytes((workdir / "deme" / "merge" / "search.png").read_bytes())
+    progress.stage("figures")
 
     report = {
         "preset": preset,
@@ -165,9 +201,10 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
         "models": results,
         "merge": {"weights": merge["weights"], "score": merge["score"], "method": merge["method"],
                   "candidates": len(merge["candidates"])},
+        "comparisons": compare_models(results),
         "gradient_cosine": conflict.tolist(),
         "settings": dataclasses.asdict(settings),
-        "timing": {"total_s": time.perf_counter() - progress.start},
+        "timing": {"total_s": time.perf_counter() - progress.start, "stages_s": progress.stages},
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (workdir / "report.md").write_text(report_markdown(report))
@@ -200,6 +237,15 @@ def _cell(value) -> str:
     return f"{value['mean']:.2f} ± {value['std']:.2f}"
 
 
+METRIC_NAMES = {"fid": "FID", "fd_mnist": "FD-MNIST", "loss_ratio": "held-out loss / pretrained"}
+
+
+def comparison_line(c: dict) -> str:
+    verdict = ("lower (better)" if c["mean"] < 0 else "higher (worse)") if c["clear"] else "no clear difference"
+    return (f"- {c['model']} vs {c['against']}, {METRIC_NAMES[c['metric']]}: {c['mean']:+.4g} ± {c['sem']:.2g} "
+            f"(s.e.): {verdict}")
+
+
 def report_markdown(report: dict) -> str:
     partition = report["partition"]
     intervals = [f"[{a}, {b})" for a, b in zip(partition[:-1], partition[1:])]
@@ -227,7 +273,16 @@ def report_markdown(report: dict) -> str:
         "the mean over intervals of held-out loss / pretrained, 1.0 = pretrained).",
         "",
         "FID here is pytorch-fid's Inception FID at a few hundred samples: strongly biased and noisy, comparable",
-        "only between the rows of this table. FD-MNIST is the digit-classifier distance, not FID.",
+        "only between the rows of this table. FD-MNIST is the digit-classifier distance, not FID. The merge weights",
+        f"were chosen on held-out digits 0-{report['settings']['heldout_images'] // 2 - 1}; the losses above are "
+        f"on digits {report['settings']['heldout_images'] // 2}-{report['settings']['heldout_images'] - 1}.",
+        "",
+        "## What this run shows",
+        "",
+        "Differences over the seeds, which share their initial noise (and held-out noise draws) across models;",
+        "a difference is called clear when its mean exceeds two standard errors, a rough rule at this seed count.",
+        "",
+        *[comparison_line(c) for c in report["comparisons"]],
         "",
         "![samples](samples.png)",
         "",

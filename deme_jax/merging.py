@@ -84,10 +84,13 @@ def interval_means(losses: jax.Array, t: jax.Array, partition) -> jax.Array:
 
 
 def make_interval_loss(model, schedule, images, partition, rng):
-    """``loss(params) -> (N,)`` held-out loss per partition interval, jitted, fixed noise and timesteps."""
+    """``loss(params, rng=rng) -> (N,)`` held-out loss per partition interval at fixed timesteps.
+
+    The noise is ``rng``'s unless another key is passed; one compilation serves every key.
+    """
     losses = make_heldout_losses(model, schedule)
     fn = jax.jit(lambda params, images, rng: interval_means(*losses(params, images, rng), partition))
-    return lambda params: np.asarray(fn(params, images, rng))
+    return lambda params, rng=rng: np.asarray(fn(params, images, rng))
 
 
 def make_score(config, run_config, model, schedule, interval_loss, reference):

@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from deme_jax.demo import MODELS, run_demo
+from deme_jax.demo import COMPARISONS, MODELS, paired_difference, run_demo
 from deme_jax.interop import save_diffusers_unet
 from deme_jax.models import UNet2D, init_params
 
@@ -28,10 +28,22 @@ def test_demo_runs_end_to_end_and_reports_every_number(tmp_path):
         assert len(row["loss_by_interval"]["mean"]) == 4
         assert all(math.isfinite(v) for v in row["loss_by_interval"]["mean"] + row["loss_by_interval"]["std"])
     assert len(written["merge"]["weights"]) == 4 and math.isfinite(written["timing"]["total_s"])
+    assert set(written["timing"]["stages_s"]) == {"deme_finetune", "finetune_n1", "merge", "evaluate", "figures"}
+    assert len(written["comparisons"]) == 3 * len(COMPARISONS)
+    assert all(math.isfinite(c["mean"]) for c in written["comparisons"])
     for figure in ("samples.png", "gradient_conflict.png", "merge_search.png", "report.md"):
         assert (tmp_path / "demo" / figure).is_file()
     markdown = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in MODELS)
+    assert "deme_merged vs finetune_n1, FD-MNIST" in markdown
+
+
+def test_paired_difference_calls_a_difference_clear_beyond_two_standard_errors():
+    clear = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, s.e. 1/sqrt(3)
+    assert clear["mean"] == pytest.approx(2.0) and clear["sem"] == pytest.approx(3 ** -0.5) and clear["clear"]
+    unclear = paired_difference([1.0, -1.0, 0.5], [0.0, 0.0, 0.0])  # mean 1/6, s.e. sqrt(13/12)/sqrt(3)
+    assert unclear["sem"] == pytest.approx((13 / 12) ** 0.5 / 3 ** 0.5) and not unclear["clear"]
+    assert not paired_difference([1.0], [0.0])["clear"]  # one seed has no spread to judge by
 
 
 def test_demo_names_a_missing_pretrained_model(tmp_path):
