@@ -7,7 +7,7 @@ iterations, merges the replicas with a weight search, builds the timestep
 ensemble, and scores all four models on held-out data: FID (Inception, at a
 sample count that fits the time), FD-MNIST and the held-out loss per interval,
 each over several initial-noise seeds. DIR/report.md, DIR/report.json and
-PNG figures summarise it. ``--preset full`` finetunes ten times longer.
+PNG figures summarise it. ``--preset full`` finetunes about seven times longer.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class Preset:
 PRESETS = {
     "test": Preset(replica_steps=3, eval_samples=8, fid_samples=8, num_seeds=2, ddim_steps=3,
                    weight_values=(0.0, 1.0), heldout_images=32),
-    "default": Preset(replica_steps=150, eval_samples=500, fid_samples=100, num_seeds=3, ddim_steps=25,
+    "default": Preset(replica_steps=150, eval_samples=300, fid_samples=100, num_seeds=3, ddim_steps=20,
                       weight_values=(0.0, 0.5, 1.0), heldout_images=500),
-    "full": Preset(replica_steps=1_500, eval_samples=1_000, fid_samples=500, num_seeds=3, ddim_steps=50,
-                   weight_values=(0.0, 0.25, 0.5, 0.75, 1.0), heldout_images=500),
+    "full": Preset(replica_steps=1_000, eval_samples=500, fid_samples=250, num_seeds=3, ddim_steps=25,
+                   weight_values=(0.0, 0.5, 1.0, 1.5), heldout_images=500),
 }
 
 
@@ -118,7 +118,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     from deme_jax.data import heldout_images
     from deme_jax.deme import TimestepEnsemble, finetune, load_replicas
     from deme_jax.deme.finetune import load_pretrained
-    from deme_jax.evaluate import Scorer, evaluate_model, sample_images
+    from deme_jax.evaluate import Scorer, evaluate_model
     from deme_jax.merging import merge_replicas
     from deme_jax.train import build_schedule
     from deme_jax.train.checkpoints import load_model
@@ -166,14 +166,15 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     evaluation = deme_config.evaluate
     evaluation.update(dict(num_samples=settings.eval_samples, fid_samples=settings.fid_samples,
                            num_seeds=settings.num_seeds,
-                           batch_size=min(250, settings.eval_samples), ddim_steps=settings.ddim_steps,
+                           batch_size=min(500, settings.eval_samples), ddim_steps=settings.ddim_steps,
                            metrics=("fid", "fd_mnist"),
                            num_reference=settings.heldout_images))
     scorer = Scorer(evaluation, deme_config.data)
     images = heldout_images(deme_config.data, settings.heldout_images)[settings.heldout_images // 2:]
-    results = {}
+    results, grids = {}, {}
     for name, (model, params) in models.items():
         scores = evaluate_model(model, params, schedule, evaluation, deme_config.data, scorer)
+        grids[name] = scores["samples"][:16]
         results[name] = {
             **{metric: {**summary, "per_seed": [s[metric] for s in scores["per_seed"]]}
                for metric, summary in scores["summary"].items()},
@@ -184,9 +185,6 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
                                             for m, v in scores["summary"].items()))
     progress.stage("evaluate")
     progress("5/6 figures: samples from the same noise, gradient conflict, merge-weight search")
-    shape = (deme_config.data.image_size, deme_config.data.image_size, deme_config.data.channels)
-    grids = {name: sample_images(model, params, schedule, 16, shape, seed=evaluation.seed, batch_size=16,
-                                 ddim_steps=settings.ddim_steps) for name, (model, params) in models.items()}
     plot_samples(grids, workdir / "samples.png")
     batches = training_batches(deme_config.data, 2, 64, seed=0)
     conflict = gradient_conflict(teacher, teacher_params, schedule, batches, partition, jax.random.key(0))

@@ -139,23 +139,25 @@ class Scorer:
         return scores
 
 
-def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Scorer | None = None,
-                   out_dir: Path | None = None) -> dict:
-    """Samples and scores ``model`` over ``eval_config.num_seeds`` seeds; returns per-seed and summary scores."""
+def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Scorer | None = None) -> dict:
+    """Samples and scores ``model`` over ``eval_config.num_seeds`` seeds.
+
+    Returns per-seed and summary scores, and the first seed's ``samples`` (uint8),
+    which start from the same noise for every model.
+    """
     scorer = scorer or Scorer(eval_config, data_config)
     shape = (data_config.image_size, data_config.image_size, data_config.channels)
-    per_seed = []
+    per_seed, samples = [], None
     for k in range(eval_config.num_seeds):
         images = sample_images(model, params, schedule, eval_config.num_samples, shape, eval_config.seed + k,
                                eval_config.batch_size, eval_config.sampler, eval_config.ddim_steps, eval_config.eta)
         per_seed.append(scorer.score(images))
         logging.info("seed %d: %s", eval_config.seed + k, per_seed[-1])
-        if out_dir is not None and k == 0:
-            save_image_grid(jnp.asarray(images[:64], jnp.float32) / 127.5 - 1, Path(out_dir) / "samples.png")
+        samples = images if samples is None else samples
     summary = {name: {"mean": float(np.mean([s[name] for s in per_seed])),
                       "std": float(np.std([s[name] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
                for name in per_seed[0]}
-    return {"per_seed": per_seed, "summary": summary, "num_samples": eval_config.num_samples,
+    return {"per_seed": per_seed, "summary": summary, "samples": samples, "num_samples": eval_config.num_samples,
             "fid_samples": eval_config.fid_samples or eval_config.num_samples,
             "num_reference": scorer.num_reference, "sampler": eval_config.sampler,
             "ddim_steps": eval_config.ddim_steps}
@@ -181,10 +183,10 @@ def evaluate(config, workdir: str | Path) -> dict:
     if jax.tree_util.tree_map(np.shape, params) != jax.tree_util.tree_map(np.shape, param_shapes(model)):
         raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
     out = workdir / "eval"
-    result = evaluate_model(model, params, build_schedule(config.diffusion), config.evaluate, config.data,
-                            out_dir=out)
+    result = evaluate_model(model, params, build_schedule(config.diffusion), config.evaluate, config.data)
     result["model"] = path
     out.mkdir(parents=True, exist_ok=True)
+    save_image_grid(jnp.asarray(result.pop("samples")[:64], jnp.float32) / 127.5 - 1, out / "samples.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     writer = metric_writers.create_default_writer(out)
     writer.write_scalars(0, {f"eval/{k}": v["mean"] for k, v in result["summary"].items()})
