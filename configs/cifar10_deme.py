@@ -28,4 +28,7 @@ def get_config():
                              sample_every=5_000))
     config.eval.num_images = 2_000
     config.sample.update(dict(num_images=64, ddim_steps=100))
+    # The paper's FID: DDIM-100, 50,000 samples against the 50,000 training images.
+    config.evaluate.update(dict(metrics=("fid",), reference="train", num_samples=50_000, ddim_steps=100,
+                                batch_size=500))
     return config

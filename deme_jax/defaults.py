@@ -110,7 +110,9 @@ def mnist_deme_config() -> ml_collections.ConfigDict:
     config.data.update(dict(name="mnist", image_size=16, channels=1, random_flip=False))
     config.train.update(dict(batch_size=32, num_steps=500, log_every=50, checkpoint_every=250, eval_every=250,
                              sample_every=0))
-    config.optim.lr = 1e-4
+    # Twice the shipped model's final learning rate (its cosine ends at 1e-5): measured at 1e-4 (150 steps per
+    # replica), every replica's task vector raised the held-out loss and the merge search kept the pretrained weights.
+    config.optim.lr = 2e-5
     config.ema.max_decay = 0.999
     config.eval.num_images = 500
     config.merge.update(dict(search="grid", weight_values=(0.0, 0.5, 1.0)))

@@ -192,7 +192,7 @@ def plot_search(candidates, pretrained_score: float, metric: str, path: Path) ->
     ax.plot(np.minimum.accumulate(scores), "-", label="best so far")
     ax.axhline(pretrained_score, color="gray", lw=0.8, ls="--", label="pretrained")
     ax.set_xlabel("candidate")
-    ax.set_ylabel("held-out loss / pretrained (mean over intervals)" if metric == "heldout_loss" else metric)
+    ax.set_ylabel("held-out loss / pretrained\n(mean over intervals)" if metric == "heldout_loss" else metric)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

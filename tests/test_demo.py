@@ -38,11 +38,12 @@ def test_demo_runs_end_to_end_and_reports_every_number(tmp_path):
     assert "deme_merged vs finetune_n1, FD-MNIST" in markdown
 
 
-def test_paired_difference_calls_a_difference_clear_beyond_two_standard_errors():
-    clear = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, s.e. 1/sqrt(3)
-    assert clear["mean"] == pytest.approx(2.0) and clear["sem"] == pytest.approx(3 ** -0.5) and clear["clear"]
-    unclear = paired_difference([1.0, -1.0, 0.5], [0.0, 0.0, 0.0])  # mean 1/6, s.e. sqrt(13/12)/sqrt(3)
-    assert unclear["sem"] == pytest.approx((13 / 12) ** 0.5 / 3 ** 0.5) and not unclear["clear"]
+def test_paired_difference_is_a_paired_t_test_at_five_percent():
+    clear = paired_difference([1.1, 1.0, 0.9], [0.0, 0.0, 0.0])  # mean 1, s.e. 0.1/sqrt(3): t = 17.3 > 4.30
+    assert clear["mean"] == pytest.approx(1.0) and clear["sem"] == pytest.approx(0.1 / 3 ** 0.5) and clear["clear"]
+    unclear = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, s.e. 1/sqrt(3): t = 3.46 < 4.30
+    assert unclear["sem"] == pytest.approx(3 ** -0.5) and not unclear["clear"]
+    assert paired_difference([2.0, 3.0, 4.0, 2.5, 3.5], [0.0] * 5)["clear"]  # t = 8.5 > 2.78 with 4 dof
     assert not paired_difference([1.0], [0.0])["clear"]  # one seed has no spread to judge by
 
 
