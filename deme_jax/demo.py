@@ -35,6 +35,11 @@ class Preset:
     weight_values: tuple[float, ...]  # the merge grid, per replica
     heldout_images: int  # the merge search scores on the first half, the report's held-out loss uses the second
 
+    @property
+    def search_images(self) -> int:
+        """Held-out digits [0, search_images) score the merge search; the report's losses use the rest."""
+        return self.heldout_images // 2
+
 
 PRESETS = {
     "test": Preset(replica_steps=3, eval_samples=8, fid_samples=8, num_seeds=2, ddim_steps=3,
@@ -70,7 +75,7 @@ def demo_configs(preset: Preset, pretrained: str):
     deme.deme.pretrained = pretrained
     deme.train.update(dict(num_steps=preset.replica_steps, eval_every=0, sample_every=0,
                            checkpoint_every=max(preset.replica_steps, 1), log_every=max(preset.replica_steps // 5, 1)))
-    deme.eval.num_images = preset.heldout_images // 2  # the merge search's digits; the report uses the others
+    deme.eval.num_images = preset.search_images
     deme.merge.update(dict(search="grid", weight_values=preset.weight_values))
     baseline = deme.copy_and_resolve_references()
     n = deme.deme.num_replicas
@@ -149,7 +154,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     finetune(baseline_config, workdir / "finetune_n1")
     progress.stage("finetune_n1")
     progress("3/6 merging: weight search on the per-interval loss of held-out digits "
-             f"0-{settings.heldout_images // 2 - 1}")
+             f"0-{settings.search_images - 1}")
     if not (workdir / "deme" / "merge" / "result.json").is_file():
         merge_replicas(deme_config, workdir / "deme")
     merge = json.loads((workdir / "deme" / "merge" / "result.json").read_text())
@@ -166,7 +171,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
 
     progress(f"4/6 evaluating 4 models: {settings.eval_samples} samples x {settings.num_seeds} seeds "
              f"(FID on {settings.fid_samples}, FD-MNIST on all), loss per interval on held-out digits "
-             f"{settings.heldout_images // 2}-{settings.heldout_images - 1}")
+             f"{settings.search_images}-{settings.heldout_images - 1}")
     schedule = build_schedule(deme_config.diffusion)
     evaluation = deme_config.evaluate
     evaluation.update(dict(num_samples=settings.eval_samples, fid_samples=settings.fid_samples,
@@ -175,7 +180,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
                            metrics=("fid", "fd_mnist"),
                            num_reference=settings.heldout_images))
     scorer = Scorer(evaluation, deme_config.data)
-    images = heldout_images(deme_config.data, settings.heldout_images)[settings.heldout_images // 2:]
+    images = heldout_images(deme_config.data, settings.heldout_images)[settings.search_images:]
     results, grids = {}, {}
     for name, (model, params) in models.items():
         scores = evaluate_model(model, params, schedule, evaluation, deme_config.data, scorer)
@@ -206,7 +211,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
                   "candidates": len(merge["candidates"])},
         "comparisons": compare_models(results),
         "gradient_cosine": conflict.tolist(),
-        "settings": dataclasses.asdict(settings),
+        "settings": {**dataclasses.asdict(settings), "search_images": settings.search_images},
         "timing": {"total_s": time.perf_counter() - progress.start, "stages_s": progress.stages},
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -277,8 +282,8 @@ def report_markdown(report: dict) -> str:
         "",
         "FID here is pytorch-fid's Inception FID at a few hundred samples: strongly biased and noisy, comparable",
         "only between the rows of this table. FD-MNIST is the digit-classifier distance, not FID. The merge weights",
-        f"were chosen on held-out digits 0-{report['settings']['heldout_images'] // 2 - 1}; the losses above are "
-        f"on digits {report['settings']['heldout_images'] // 2}-{report['settings']['heldout_images'] - 1}.",
+        f"were chosen on held-out digits 0-{report['settings']['search_images'] - 1}; the losses above are "
+        f"on digits {report['settings']['search_images']}-{report['settings']['heldout_images'] - 1}.",
         "",
         "## What this run shows",
         "",

@@ -153,7 +153,8 @@ def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Sc
                                eval_config.batch_size, eval_config.sampler, eval_config.ddim_steps, eval_config.eta)
         per_seed.append(scorer.score(images))
         logging.info("seed %d: %s", eval_config.seed + k, per_seed[-1])
-        samples = images if samples is None else samples
+        if k == 0:
+            samples = images
     summary = {name: {"mean": float(np.mean([s[name] for s in per_seed])),
                       "std": float(np.std([s[name] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
                for name in per_seed[0]}
