@@ -42,17 +42,17 @@ def main() -> None:
     import torch
 
     from deme_jax.assets import MNIST16_DDPM
-    from deme_jax.data import default_data_config
-    from deme_jax.defaults import mnist_deme_config
-    from deme_jax.diffusion import make_schedule
-    from deme_jax.evaluate import Scorer, reference_images, sample_images
+    from deme_jax.data import reference_images
+    from deme_jax.defaults import data_config, mnist_deme_config
+    from deme_jax.diffusion import make_schedule, sample_images
+    from deme_jax.interop import load_model
     from deme_jax.metrics import load_inception
-    from deme_jax.models import init_params
-    from deme_jax.train import build_model
+    from deme_jax.metrics.scoring import Scorer
+    from deme_jax.models import build_model, init_params
     from tests.test_fid import fid_inception_module, pytorch_fid_model
 
     torch.set_num_threads(os.cpu_count())
-    data = default_data_config()
+    data = data_config()
     data.image_size = 16
     digits = reference_images("train", data, args.images)
     rgb = np.repeat(digits, 3, axis=-1)
@@ -79,8 +79,6 @@ def main() -> None:
     config = mnist_deme_config()
     model_path = args.model or (str(MNIST16_DDPM) if MNIST16_DDPM.exists() else None)
     if model_path:
-        from deme_jax.train.checkpoints import load_model
-
         model, params = load_model(model_path)
     else:
         from configs import mnist16_pretrain

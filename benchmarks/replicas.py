@@ -43,11 +43,11 @@ def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
     import numpy as np
     from ml_collections import ConfigDict
 
-    from deme_jax.deme.finetune import replica_mesh
-    from deme_jax.deme.intervals import uniform_partition
+    from deme_jax.diffusion.timesteps import uniform_partition
     from deme_jax.deme.replicas import make_replica_step, map_over_replicas, with_identity_projections
     from deme_jax.diffusion import make_schedule
     from deme_jax.models import UNet2D, init_params
+    from deme_jax.train.sharding import make_mesh
     from deme_jax.train.state import create_train_state, make_optimizer
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -58,8 +58,9 @@ def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
                             b1=0.95, b2=0.999, eps=1e-8, weight_decay=1e-6, grad_clip=1.0))
     optimizer = make_optimizer(optim)
     ema = ConfigDict(dict(max_decay=0.9999, inv_gamma=1.0, power=0.75))
-    step = make_replica_step(student, teacher, make_schedule(), optimizer, ema, 4, global_prob=0.3)
-    mesh = replica_mesh(n)
+    step = make_replica_step(student, teacher, make_schedule(), optimizer, ema, uniform_partition(1000, 4),
+                             global_prob=0.3)
+    mesh = make_mesh({"replica": 0, "data": -1}, n)
     per_replica, data = NamedSharding(mesh, P("replica")), NamedSharding(mesh, P("replica", "data"))
     bounds = uniform_partition(1000, n)
     task = {"low": jax.device_put(np.asarray(bounds[:-1], np.int32), per_replica),

@@ -23,8 +23,7 @@ from configs import deme
 
 def get_config():
     config = deme.get_config()
-    config.deme.update(dict(pretrained="", num_replicas=4, global_prob=0.3, consistency_weight=1.0,
-                            channel_projection=True))
+    # N=4, p=0.3, consistency weight 1 and channel projections are the defaults (configs/deme.py).
     config.data.update(dict(name="lsun/church_outdoor", image_size=256, channels=3, random_flip=True))
     config.train.update(dict(batch_size=64, num_steps=20_000, checkpoint_every=1_000, eval_every=2_000,
                              sample_every=5_000))

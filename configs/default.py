@@ -1,8 +1,14 @@
-"""Every knob of a deme-jax training run, with its default.
+"""The defaults of a training run: the CIFAR-10 DDPM of Ho et al.
 
-Experiment configs import this and change a few fields; any field can also be
-set on the command line: ``deme pretrain --config=configs/mnist_tiny.py
+Every field, with what it does, is in deme_jax/defaults.py (``training_config``),
+which lives in the package so that installed commands need no configs/ directory.
+Experiment configs import this file and change a few fields; any field can also
+be set on the command line: ``deme pretrain --config=configs/mnist_tiny.py
 --config.train.num_steps=100 --workdir=/tmp/run``.
 """
 
-from deme_jax.defaults import training_config as get_config  # noqa: F401
+from deme_jax import defaults
+
+
+def get_config():
+    return defaults.training_config()

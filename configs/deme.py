@@ -5,8 +5,12 @@
 
 The model is read from config.deme.pretrained (an orbax checkpoint, a diffusers
 directory or a training workdir), so these configs have no `model` block.
-Fields: config.deme (see deme_jax.deme.default_deme_config), config.merge (see
-deme_jax.deme.default_merge_config), and the training blocks of configs/default.py.
+Every field, with what it does, is in deme_jax/defaults.py (``deme_config``:
+config.deme, config.merge, and the training blocks of ``training_config``).
 """
 
-from deme_jax.defaults import deme_config as get_config  # noqa: F401
+from deme_jax import defaults
+
+
+def get_config():
+    return defaults.deme_config()

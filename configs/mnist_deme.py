@@ -11,4 +11,8 @@ the N=1 baseline at the same total iterations is
         --config.deme.channel_projection=False --config.train.num_steps=2000
 """
 
-from deme_jax.defaults import mnist_deme_config as get_config  # noqa: F401
+from deme_jax import defaults
+
+
+def get_config():
+    return defaults.mnist_deme_config()  # in the package: `deme demo` starts from it

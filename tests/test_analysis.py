@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from deme_jax.analysis import cosine_matrix, filter_normalized_direction, interval_gradients, landscape
-from deme_jax.analyze import analyze
+from deme_jax.commands.analyze import run as analyze
 from deme_jax.diffusion import add_noise, epsilon_loss, make_schedule
 from deme_jax.interop import save_orbax_unet
 from deme_jax.models import UNet2D, init_params

@@ -8,13 +8,13 @@ from PIL import Image
 from deme_jax.data import (
     ArraySource,
     BatchStream,
-    default_data_config,
     heldout_images,
     make_source,
     make_stream,
     mnist_digits,
     mnist_split,
 )
+from deme_jax.defaults import data_config
 
 TINY = "tiny_ramps"
 
@@ -60,7 +60,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def config(**fields):
-    data = default_data_config()
+    data = data_config()
     data.update(fields)
     return data
 

@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from deme_jax.demo import COMPARISONS, MODELS, paired_difference, run_demo
+from deme_jax.commands.demo import COMPARISONS, MODELS, paired_difference, run_demo
 from deme_jax.interop import save_diffusers_unet
 from deme_jax.models import UNet2D, init_params
 

@@ -8,7 +8,10 @@ import pytest
 
 from configs import default
 from deme_jax.diffusion import make_schedule
-from deme_jax.evaluate import Scorer, evaluate, reference_images, sample_images
+from deme_jax.commands.evaluate import run as evaluate
+from deme_jax.data import reference_images
+from deme_jax.diffusion import sample_images
+from deme_jax.metrics.scoring import Scorer
 from deme_jax.interop import save_orbax_unet
 from deme_jax.models import UNet2D, init_params
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from configs import deme as deme_config
-from deme_jax.deme import TimestepEnsemble, finetune, load_replicas
+from deme_jax.deme import TimestepEnsemble, finetune, load_replicas, merge_replicas
 from deme_jax.deme.replicas import replica_slice, with_identity_projections
 from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_unet
-from deme_jax.merging import merge_replicas
 from deme_jax.merge import merge
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train import ConfigError
@@ -198,10 +197,12 @@ def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
 
     from configs import mnist16_pretrain
     from deme_jax.deme.finetune import partition_of, validate_deme_config, with_model
-    from deme_jax.merging import validate_merge_config
+    from deme_jax.deme.merging import validate_merge_config
     from deme_jax.interop import model_from_config
     from deme_jax.interop.unet import DDPM_CIFAR10_CONFIG
-    from deme_jax.train import build_model, build_schedule, validate_config
+    from deme_jax.diffusion import make_schedule
+    from deme_jax.models import build_model
+    from deme_jax.train import validate_config
     from tests.diffusers_util import LSUN_CONFIG
 
     config = importlib.import_module(f"configs.{name}").get_config()
@@ -213,7 +214,7 @@ def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
     config = with_model(config, model.clone(channel_projection=config.deme.channel_projection))
     N = config.deme.num_replicas
     validate_config(config, tmp_path)
-    np.testing.assert_array_equal(partition_of(config, build_schedule(config.diffusion)),
+    np.testing.assert_array_equal(partition_of(config, make_schedule(**config.diffusion)),
                                   np.linspace(0, 1000, N + 1))
     validate_merge_config(config.merge, N)
 
@@ -249,7 +250,7 @@ def test_ant_uw_learns_its_log_variances_and_exports_without_them(pretrained, tm
 
 
 def test_analyze_a_finetuning_workdir_along_its_task_vectors(pretrained, stacked_run):
-    from deme_jax.analyze import analyze
+    from deme_jax.commands.analyze import run as analyze
 
     workdir, _ = stacked_run
     config = tiny_config(pretrained)

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from deme_jax.data import heldout_images
-from deme_jax.data.input_pipeline import default_data_config, make_source
+from deme_jax.data.input_pipeline import make_source
+from deme_jax.defaults import data_config
 from deme_jax.data.sources import mnist_digits, mnist_split
 from deme_jax.images import to_uint8
 from deme_jax.metrics.mnist_features import classify, fd_mnist, load_mnist_features, train_classifier
 
 
 def digits(image_size, split="train", n=500):
-    data = default_data_config()
+    data = data_config()
     data.image_size = image_size
     if split == "heldout":
         return to_uint8(heldout_images(data, n))

@@ -8,7 +8,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from deme_jax.deme import uniform_partition
-from deme_jax.deme.finetune import replica_mesh
+from deme_jax.train.sharding import make_mesh
 from deme_jax.deme.replicas import interval_tasks, make_replica_step, map_over_replicas, replica_slice, stack, \
     with_identity_projections
 from deme_jax.diffusion import make_schedule
@@ -40,7 +40,8 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
     student, params = with_identity_projections(TEACHER, teacher_params)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     ema = ConfigDict(dict(max_decay=0.999, inv_gamma=1.0, power=0.75))
-    step = make_replica_step(student, TEACHER, schedule, optimizer, ema, num_intervals=n, global_prob=0.0)
+    step = make_replica_step(student, TEACHER, schedule, optimizer, ema, uniform_partition(1000, n),
+                             global_prob=0.0)
     task = interval_tasks(uniform_partition(1000, n), teacher_params)
 
     state = stack(create_train_state(params, optimizer, jax.random.key(2)), n)
@@ -48,7 +49,7 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
         jnp.arange(n)))
     images = jax.random.normal(jax.random.key(3), (steps, n, batch, 16, 16, 1))
 
-    stacked_step = jax.jit(map_over_replicas(step, replica_mesh(n)))
+    stacked_step = jax.jit(map_over_replicas(step, make_mesh({"replica": 0, "data": -1}, n)))
     stacked, stacked_losses = state, []
     for k in range(steps):
         stacked, metrics = stacked_step(stacked, images[k], task)
@@ -88,7 +89,8 @@ def test_timestep_weighting_scales_each_example_and_zero_consistency_drops_the_t
     losses = {}
     for name, weight, consistency in (("plain", None, 0.0), ("doubled", lambda t: 2.0 * jnp.ones(t.shape), 0.0),
                                       ("consistency", None, 1.0)):
-        step = make_replica_step(TEACHER, TEACHER, schedule, optimizer, ema, 1, 0.0, consistency, weight)
+        step = make_replica_step(TEACHER, TEACHER, schedule, optimizer, ema, uniform_partition(1000, 1), 0.0,
+                                 consistency, weight)
         losses[name] = float(jax.jit(step)(state, images, task)[1]["loss"])
     assert losses["doubled"] == pytest.approx(2 * losses["plain"], rel=1e-6)
     # the student is the teacher here, so the consistency term is exactly zero

@@ -17,7 +17,8 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from deme_jax.models import init_params
-from deme_jax.train import ConfigError, NonFiniteLossError, build_model, train_and_evaluate
+from deme_jax.models import build_model
+from deme_jax.train import ConfigError, NonFiniteLossError, train_and_evaluate
 from deme_jax.train.state import create_train_state, ema_decay, ema_update, learning_rate_schedule, make_optimizer
 from tests import tiny_config
 

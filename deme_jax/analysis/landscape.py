@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deme_jax.diffusion import add_noise, epsilon_loss
+from deme_jax.diffusion.timesteps import interval_means, spread_timesteps
 
 
 def filter_normalized_direction(params, rng):
@@ -40,21 +41,15 @@ def landscape(model, params, schedule, images, direction1, direction2, boundarie
     Row 0 is the loss over the whole range, row k + 1 over interval k; every
     point uses the same images, noise and evenly spread timesteps.
     """
-    boundaries = np.asarray(boundaries)
-    n, T = images.shape[0], schedule.num_train_timesteps
-    t = ((jnp.arange(n) + 0.5) * T / n).astype(jnp.int32)
+    t = spread_timesteps(images.shape[0], schedule.num_train_timesteps)
     noise = jax.random.normal(rng, images.shape, images.dtype)
     x_t = add_noise(schedule, images, noise, t)
-    bucket = jnp.searchsorted(jnp.asarray(boundaries[1:-1]), t, side="right")
-    K = len(boundaries) - 1
 
     @jax.jit
     def losses_at(a, b):
         p = jax.tree_util.tree_map(lambda w, d1, d2: w + a * d1 + b * d2, params, direction1, direction2)
         per_example = epsilon_loss(model.apply({"params": p}, x_t, t), noise)
-        per_interval = jax.ops.segment_sum(per_example, bucket, K) / jax.ops.segment_sum(
-            jnp.ones_like(per_example), bucket, K)
-        return jnp.concatenate([per_example.mean()[None], per_interval])
+        return jnp.concatenate([per_example.mean()[None], interval_means(per_example, t, boundaries)])
 
     grid = np.stack([[np.asarray(losses_at(a, b)) for a in coordinates] for b in coordinates])  # (G_b, G_a, K+1)
     return np.moveaxis(grid, -1, 0)

@@ -1,6 +1,12 @@
 """Training data: random-access sources and resumable, process-sharded batch streams."""
 
-from deme_jax.data.input_pipeline import default_data_config, heldout_images, make_source, make_stream
+from deme_jax.data.input_pipeline import (
+    heldout_images,
+    make_source,
+    make_stream,
+    reference_images,
+    training_batches,
+)
 from deme_jax.data.sources import (
     ArraySource,
     FolderSource,
@@ -17,7 +23,6 @@ __all__ = [
     "BatchStream",
     "FolderSource",
     "TfdsSource",
-    "default_data_config",
     "fit_image",
     "heldout_images",
     "make_source",
@@ -25,5 +30,7 @@ __all__ = [
     "mnist_digits",
     "mnist_source",
     "mnist_split",
+    "reference_images",
     "to_model_range",
+    "training_batches",
 ]

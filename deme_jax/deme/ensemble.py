@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from deme_jax.diffusion.timesteps import interval_index
 from deme_jax.models import UNet2D
 
 
@@ -24,8 +25,7 @@ class TimestepEnsemble:
 
     def route(self, t: jax.Array) -> jax.Array:
         """The replica index of each timestep."""
-        inner = jnp.asarray(self.boundaries[1:-1], jnp.int32)
-        return jnp.searchsorted(inner, t, side="right").astype(jnp.int32)
+        return interval_index(t, self.boundaries)
 
     def apply(self, variables, x, t, **kwargs):
         stacked = variables["params"]

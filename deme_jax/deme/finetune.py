@@ -14,7 +14,6 @@ compute the same replicas from the same config.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import jax
@@ -22,43 +21,33 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deme_jax.data import make_source
 from deme_jax.data.stream import BatchStream
 from deme_jax.deme.ensemble import TimestepEnsemble
 from deme_jax.deme.intervals import PARTITION_RULES, make_partition
 from deme_jax.deme.objective import uncertainty_reduction
-from deme_jax.deme.replicas import make_replica_step, map_over_replicas, with_identity_projections
-from deme_jax.diffusion import ddim_sample, min_snr_weight, p2_weight
-from deme_jax.train.checkpoints import is_training_workdir, load_model, load_trained_unet
-from deme_jax.train.loop import Job, batch_shape, build_schedule, run_training
-from deme_jax.train.sharding import batch_sharding, make_mesh, replicated
+from deme_jax.deme.replicas import (
+    init_replicas,
+    interval_tasks,
+    make_replica_step,
+    map_over_replicas,
+    replica_shardings,
+    task_slice,
+    with_identity_projections,
+)
+from deme_jax.diffusion import ddim_sample, make_schedule, min_snr_weight, p2_weight
+from deme_jax.interop import load_model, load_run
+from deme_jax.models import model_fields
+from deme_jax.train.loop import Job, batch_shape, report_boundaries, run_training
+from deme_jax.train.sharding import make_mesh, replicated
 from deme_jax.train.state import create_train_state, make_optimizer
 from deme_jax.train.step import LOSS_PARAMS, make_heldout_loss, model_params
 from deme_jax.train.validate import ConfigError, require, validate_config
 
 MODES = ("stacked", "sequential")
 WEIGHTINGS = ("none", "min_snr", "p2", "uncertainty")
-
-
-def default_deme_config() -> ml_collections.ConfigDict:
-    """The ``config.deme`` fields; the defaults are the reference's LSUN-Church recipe."""
-    return ml_collections.ConfigDict(dict(
-        pretrained="",  # orbax model checkpoint, diffusers directory or training workdir (its EMA weights)
-        num_replicas=4,  # N; 1 is plain finetuning
-        partition="uniform",  # "uniform", "explicit" (boundaries) or "log_snr" (equal ranges of log-SNR)
-        boundaries=ml_collections.config_dict.placeholder(tuple),  # [0, b1, ..., T] for "explicit"
-        global_prob=0.3,  # p: a batch samples all of [0, T) with this probability
-        consistency_weight=1.0,  # lambda of mse(student, frozen pretrained); 0 drops the teacher
-        channel_projection=True,  # identity-initialised 1x1 projections after every block
-        mode="stacked",  # "stacked" (one jitted step for all replicas) or "sequential"
-        weighting="none",  # loss re-weighting baselines: "none", "min_snr", "p2" or "uncertainty" (ANT-UW)
-        min_snr_gamma=5.0,
-        p2_gamma=1.0,
-        p2_k=1.0,
-        uncertainty_tasks=4,  # ANT-UW: equal timestep intervals, each with a learnt log-variance
-    ))
 
 
 def validate_deme_config(config) -> None:
@@ -116,11 +105,9 @@ def load_pretrained(config):
 
 def with_model(config, model):
     """A copy of ``config`` whose ``model`` block describes ``model`` (the run's config.json then rebuilds it)."""
-    fields = {f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
-    fields["dtype"] = jnp.dtype(fields["dtype"]).name
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.model = ml_collections.ConfigDict(fields)
+        config.model = ml_collections.ConfigDict(model_fields(model))
     return config
 
 
@@ -141,11 +128,38 @@ def array_from_rows(make_rows, shape, sharding) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, lambda index: rows()[index])
 
 
-def replica_mesh(num_replicas: int):
-    """(replica, data) axes: replicas spread over as many devices as divide both N and the device count."""
-    n = jax.device_count()
-    r = math.gcd(num_replicas, n)
-    return jax.make_mesh((r, n // r), ("replica", "data"), axis_types=(AxisType.Auto,) * 2)
+def replica_job(config, mesh, parts: dict, stacked: bool) -> Job:
+    """The training job of the replicas in ``parts`` (one for the sequential mode, all when stacked).
+
+    ``parts``: the step, the student's initial parameters, the optimizer,
+    the replicas' ``rngs``, ``streams`` and ``tasks`` (one replica's when not
+    stacked), the held-out loss and the model that samples (the timestep
+    ensemble of stacked replicas).
+    """
+    streams, shape = parts["streams"], batch_shape(config)
+    if stacked:
+        state_sharding, data_sharding, task_shardings = replica_shardings(mesh)
+        shape = (len(streams), *shape)
+        rows = lambda k: np.stack([s.batch(k) for s in streams])
+        init = lambda: init_replicas(parts["params"], parts["optimizer"], parts["rngs"])
+    else:
+        state_sharding, data_sharding = replicated(mesh), NamedSharding(mesh, P("data"))
+        task_shardings = state_sharding
+        rows = streams[0].batch
+        init = lambda: create_train_state(parts["params"], parts["optimizer"], parts["rngs"])
+    schedule, steps = parts["schedule"], config.sample.ddim_steps
+    return Job(
+        init_state=init,
+        step=map_over_replicas(parts["step"], mesh) if stacked else parts["step"],
+        batch=lambda k: array_from_rows(lambda: rows(k), shape, data_sharding),
+        batch_spec=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=data_sharding),
+        state_shardings=lambda abstract: jax.tree_util.tree_map(lambda _: state_sharding, abstract),
+        mesh=mesh,
+        heldout_loss=parts["heldout_loss"],
+        sample=lambda params, noise: ddim_sample(parts["sampler"], model_params(params), schedule, noise, steps),
+        step_args=(jax.device_put(parts["tasks"], task_shardings),),
+        num_replicas=len(streams) if stacked else None,
+    )
 
 
 def finetune(config, workdir: str | Path):
@@ -153,99 +167,49 @@ def finetune(config, workdir: str | Path):
     validate_deme_config(config)
     teacher, teacher_params, student, student_params = load_pretrained(config)
     config = with_model(config, student)
-    N = config.deme.num_replicas
-    stacked = config.deme.mode == "stacked"
-    validate_config(config, workdir, replica_mesh(N).shape["data"] if stacked else None)
-    schedule = build_schedule(config.diffusion)
+    N, stacked = config.deme.num_replicas, config.deme.mode == "stacked"
+    mesh = make_mesh(config.mesh.shape if stacked else {"data": config.mesh.shape["data"]}, N)
+    validate_config(config, workdir, mesh.shape["data"])
+    schedule = make_schedule(**config.diffusion)
     partition = partition_of(config, schedule)
     logging.info("DeMe: %d replica(s) on intervals %s, mode %s.", N,
                  [f"[{a}, {b})" for a, b in zip(partition[:-1], partition[1:])], config.deme.mode)
-    optimizer = make_optimizer(config.optim)
     reduce_loss = None
     if config.deme.weighting == "uncertainty":
         reduce_loss = uncertainty_reduction(schedule.num_train_timesteps, config.deme.uncertainty_tasks)
         student_params = {**student_params, LOSS_PARAMS: {
             "log_variances": jnp.zeros((config.deme.uncertainty_tasks,), jnp.float32)}}
-    step = make_replica_step(student, teacher, schedule, optimizer, config.ema, config.train.loss_intervals,
-                             config.deme.global_prob, config.deme.consistency_weight,
-                             timestep_weight(config, schedule), reduce_loss)
-    rngs, streams = replica_rngs(config.seed, N), replica_streams(config)
-    heldout = make_heldout_loss(student, schedule, config.train.loss_intervals)
-    shape = batch_shape(config)
-    low, high = np.asarray(partition[:-1], np.int32), np.asarray(partition[1:], np.int32)
-
+    optimizer, boundaries = make_optimizer(config.optim), report_boundaries(config)
+    parts = dict(
+        step=make_replica_step(student, teacher, schedule, optimizer, config.ema, boundaries,
+                               config.deme.global_prob, config.deme.consistency_weight,
+                               timestep_weight(config, schedule), reduce_loss),
+        params=student_params, optimizer=optimizer, schedule=schedule,
+        rngs=replica_rngs(config.seed, N), streams=replica_streams(config),
+        tasks=interval_tasks(partition, teacher_params),
+        heldout_loss=make_heldout_loss(student, schedule, boundaries),
+        sampler=TimestepEnsemble(student, tuple(int(b) for b in partition)),
+    )
     if stacked:
-        mesh = replica_mesh(N)
-        per_replica, data_sharding = NamedSharding(mesh, P("replica")), NamedSharding(mesh, P("replica", "data"))
-        task = {"low": jax.device_put(low, per_replica), "high": jax.device_put(high, per_replica),
-                "teacher": jax.device_put(teacher_params, replicated(mesh))}
-        ensemble = TimestepEnsemble(student, tuple(int(b) for b in partition))
-        job = Job(
-            init_state=lambda: jax.vmap(lambda rng: create_train_state(student_params, optimizer, rng))(rngs),
-            step=map_over_replicas(step, mesh),
-            batch=lambda i: array_from_rows(lambda: np.stack([s.batch(i) for s in streams]), (N, *shape),
-                                            data_sharding),
-            batch_spec=jax.ShapeDtypeStruct((N, *shape), jnp.float32, sharding=data_sharding),
-            state_shardings=lambda abstract: jax.tree_util.tree_map(lambda _: per_replica, abstract),
-            mesh=mesh,
-            heldout_loss=heldout,
-            sample=lambda params, noise: ddim_sample(ensemble, model_params(params), schedule, noise,
-                                                     config.sample.ddim_steps),
-            step_args=(task,),
-            num_replicas=N,
-        )
-        return run_training(config, workdir, job)
+        return run_training(config, workdir, replica_job(config, mesh, parts, stacked=True))
 
     if jax.process_index() == 0:  # the run's config, for `deme merge`; each replica_<i> holds its own run
         (Path(workdir) / "config.json").write_text(config.to_json(indent=2) + "\n")
     states = []
-    mesh = make_mesh()
-    data_sharding, repl = batch_sharding(mesh), replicated(mesh)
-    for i, stream in enumerate(streams):
-        task = jax.device_put({"low": low[i], "high": high[i], "teacher": teacher_params}, repl)
-        job = Job(
-            init_state=lambda rng=rngs[i]: create_train_state(student_params, optimizer, rng),
-            step=step,
-            batch=lambda k, stream=stream: array_from_rows(lambda: stream.batch(k), shape, data_sharding),
-            batch_spec=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=data_sharding),
-            state_shardings=lambda abstract: jax.tree_util.tree_map(lambda _: repl, abstract),
-            mesh=mesh,
-            heldout_loss=heldout,
-            sample=lambda params, noise: ddim_sample(student, model_params(params), schedule, noise,
-                                                     config.sample.ddim_steps),
-            step_args=(task,),
-        )
-        logging.info("Replica %d of %d, interval [%d, %d).", i + 1, N, low[i], high[i])
-        states.append(run_training(config, Path(workdir) / f"replica_{i}", job))
+    for i in range(N):
+        one = {**parts, "rngs": parts["rngs"][i], "streams": parts["streams"][i:i + 1],
+               "tasks": task_slice(parts["tasks"], i), "sampler": student}
+        logging.info("Replica %d of %d, interval [%d, %d).", i + 1, N, partition[i], partition[i + 1])
+        states.append(run_training(config, Path(workdir) / f"replica_{i}", replica_job(config, mesh, one, False)))
     return states
 
 
 def load_replicas(workdir: str | Path):
     """``(model, stacked_ema_params, partition, config)`` of a finetuning workdir, stacked or sequential."""
-    import json
-
-    workdir = Path(workdir)
-    if not (workdir / "config.json").is_file():
-        raise FileNotFoundError(f"{workdir} is not a finetuning workdir (no config.json); run `deme finetune` first.")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    model, params, config, steps = load_run(workdir)
     if "deme" not in config:
         raise ValueError(f"{workdir} holds a pretraining run, not DeMe replicas (its config has no `deme` block).")
-    N = config.deme.num_replicas
-    if config.deme.mode == "stacked":
-        model, params, step = load_trained_unet(workdir)
-        steps = [step] * N
-    else:
-        loaded = []
-        for i in range(N):
-            replica_dir = workdir / f"replica_{i}"
-            if not is_training_workdir(replica_dir):
-                raise FileNotFoundError(f"{replica_dir} holds no checkpoint: replica {i} has not been trained yet.")
-            loaded.append(load_trained_unet(replica_dir))
-        model = loaded[0][0]
-        params = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(p for _, p, _ in loaded))
-        steps = [s for _, _, s in loaded]
     if any(s != config.train.num_steps for s in steps):
         logging.warning("%s: replicas are at steps %s of %d; merging unfinished replicas.", workdir, steps,
                         config.train.num_steps)
-    return model, params, partition_of(config, build_schedule(config.diffusion)), config
-
+    return model, params, partition_of(config, make_schedule(**config.diffusion)), config

@@ -1,9 +1,9 @@
-"""Timestep intervals: partitions of [0, T) into N replicas' intervals, and the interval sampler.
+"""DeMe's partitions of [0, T) into N replicas' intervals (equal, explicit, log-SNR) and the interval sampler.
 
-A partition is a numpy int64 array of N + 1 strictly increasing boundaries
-``[0, b1, ..., T]``; replica ``i`` owns the timesteps ``[boundaries[i],
-boundaries[i + 1])``, so replicas are ordered from small t (fine detail) to
-large t (coarse content).
+Partitions are boundary arrays as in ``deme_jax.diffusion.timesteps`` (which
+holds the equal partition and ``interval_index``); replica ``i`` owns the
+timesteps ``[boundaries[i], boundaries[i + 1])``, so replicas are ordered from
+small t (fine detail) to large t (coarse content).
 """
 
 from __future__ import annotations
@@ -14,32 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deme_jax.diffusion.timesteps import check_counts, uniform_partition
+
 PARTITION_RULES = ("uniform", "log_snr", "explicit")
-
-
-def _check_counts(num_timesteps: int, num_intervals: int) -> None:
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
-    if num_intervals < 1:
-        raise ValueError(f"num_intervals={num_intervals} must be >= 1")
-    if num_intervals > num_timesteps:
-        raise ValueError(
-            f"num_intervals={num_intervals} > num_timesteps={num_timesteps}: some interval would be empty"
-        )
-
-
-def uniform_partition(num_timesteps: int, num_intervals: int) -> np.ndarray:
-    """N intervals of equal width.
-
-    When T is not a multiple of N the widths differ by at most one: the first
-    ``T % N`` intervals (the smallest timesteps) get one extra timestep, as
-    ``np.array_split`` does.
-    """
-    _check_counts(num_timesteps, num_intervals)
-    base, extra = divmod(num_timesteps, num_intervals)
-    widths = np.full(num_intervals, base, np.int64)
-    widths[:extra] += 1
-    return np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
 
 
 def _format_interval(low, high) -> str:
@@ -72,7 +49,7 @@ def explicit_partition(num_timesteps: int, boundaries: Sequence) -> np.ndarray:
         raise ValueError(
             f"boundaries of shape {values.shape}: give N + 1 boundaries or N [low, high) pairs"
         )
-    _check_counts(T, len(lows))
+    check_counts(T, len(lows))
     for low, high in zip(lows, highs):
         if high <= low:
             raise ValueError(
@@ -117,7 +94,7 @@ def log_snr_partition(alphas_cumprod, num_intervals: int) -> np.ndarray:
     if abar.ndim != 1:
         raise ValueError(f"alphas_cumprod must be 1-D, got shape {abar.shape}")
     T = len(abar)
-    _check_counts(T, num_intervals)
+    check_counts(T, num_intervals)
     if not np.all((abar > 0) & (abar < 1)):
         raise ValueError("alphas_cumprod must lie strictly between 0 and 1 for log-SNR to be finite")
     lam = log_snr(abar)
@@ -140,7 +117,7 @@ def make_partition(num_timesteps: int, num_intervals: int, rule: str = "uniform"
         raise ValueError(
             f"rule={rule!r} is not supported; supported values: " + ", ".join(map(repr, PARTITION_RULES))
         )
-    _check_counts(num_timesteps, num_intervals)
+    check_counts(num_timesteps, num_intervals)
     if boundaries is not None or rule == "explicit":
         if boundaries is None:
             raise ValueError("rule='explicit' needs boundaries")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from deme_jax.diffusion import epsilon_loss
+from deme_jax.diffusion.timesteps import interval_index, uniform_partition
 
 
 def deme_loss(student_eps: jax.Array, teacher_eps: jax.Array, noise: jax.Array,
@@ -32,7 +33,9 @@ def uncertainty_weighted_loss(per_example: jax.Array, task: jax.Array, log_varia
 def uncertainty_reduction(num_timesteps: int, num_tasks: int):
     """ANT-UW as a loss reduction: tasks are ``num_tasks`` equal timestep intervals, ``log_variances`` learnt."""
 
+    boundaries = uniform_partition(num_timesteps, num_tasks)
+
     def reduce(per_example, t, loss_params):
-        return uncertainty_weighted_loss(per_example, t * num_tasks // num_timesteps, loss_params["log_variances"])
+        return uncertainty_weighted_loss(per_example, interval_index(t, boundaries), loss_params["log_variances"])
 
     return reduce

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deme_jax.deme.intervals import check_global_prob, interval_timesteps
 from deme_jax.deme.objective import deme_loss
 from deme_jax.diffusion import epsilon_loss
 from deme_jax.models import UNet2D, param_shapes
+from deme_jax.train.sharding import replicated
+from deme_jax.train.state import create_train_state
 from deme_jax.train.step import make_train_step
 
 
@@ -51,6 +53,24 @@ def interval_tasks(boundaries, teacher_params) -> dict:
     return {"low": jnp.asarray(boundaries[:-1]), "high": jnp.asarray(boundaries[1:]), "teacher": teacher_params}
 
 
+def task_slice(tasks: dict, i: int) -> dict:
+    """Replica ``i``'s step arguments: its own bounds, the shared teacher."""
+    return {"low": tasks["low"][i], "high": tasks["high"][i], "teacher": tasks["teacher"]}
+
+
+def replica_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding, dict]:
+    """How stacked replicas lie on ``mesh``: the state (one replica group per device group), the stacked
+    batch (replicas, then rows over ``data``), and the tasks (bounds per replica, the teacher everywhere)."""
+    per_replica = NamedSharding(mesh, P("replica"))
+    tasks = {"low": per_replica, "high": per_replica, "teacher": replicated(mesh)}
+    return per_replica, NamedSharding(mesh, P("replica", "data")), tasks
+
+
+def init_replicas(params: dict, optimizer, rngs: jax.Array):
+    """The stacked train state of ``len(rngs)`` replicas that all start from ``params``, each with its own rng."""
+    return jax.vmap(lambda rng: create_train_state(params, optimizer, rng))(rngs)
+
+
 def map_over_replicas(step, mesh: Mesh):
     """``step`` for stacked replicas: every device trains its own replicas, one after another, all in parallel.
 
@@ -64,9 +84,7 @@ def map_over_replicas(step, mesh: Mesh):
     """
 
     def local(state, images, task):
-        outputs = [step(replica_slice(state, i), images[i], {"low": task["low"][i], "high": task["high"][i],
-                                                             "teacher": task["teacher"]})
-                   for i in range(images.shape[0])]
+        outputs = [step(replica_slice(state, i), images[i], task_slice(task, i)) for i in range(images.shape[0])]
         return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outputs)
 
     replica = P("replica")
@@ -75,7 +93,7 @@ def map_over_replicas(step, mesh: Mesh):
                          axis_names={"replica"}, check_vma=False)
 
 
-def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, num_intervals: int,
+def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, report_boundaries,
                       global_prob: float, consistency_weight: float = 1.0, timestep_weight=None, reduce_loss=None):
     """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
@@ -98,4 +116,4 @@ def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema
             per_example = epsilon_loss(eps, noise)
         return per_example if timestep_weight is None else timestep_weight(t) * per_example
 
-    return make_train_step(student, schedule, optimizer, ema_config, num_intervals, sample, loss, reduce_loss)
+    return make_train_step(student, schedule, optimizer, ema_config, report_boundaries, sample, loss, reduce_loss)

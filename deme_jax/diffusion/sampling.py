@@ -14,12 +14,15 @@ the run (0 is the noisiest), so a run can be replayed outside this module.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from deme_jax.diffusion.schedule import NoiseSchedule, expand_to
+from deme_jax.images import to_uint8
 
 
 def inference_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np.ndarray:
@@ -156,3 +159,26 @@ def ddpm_sample(model, params, schedule: NoiseSchedule, noise, rng):
         jnp.asarray(timesteps - 1, jnp.int32),
         keys,
     )
+
+
+def sample_images(model, params, schedule, num: int, shape: tuple[int, int, int], seed: int, batch_size: int,
+                  sampler: str = "ddim", ddim_steps: int = 50, eta: float = 0.0) -> np.ndarray:
+    """``num`` uint8 samples of ``shape`` (H, W, C), drawn in batches, from the noise of ``seed``.
+
+    Batch k's noise comes from ``fold_in(key(seed), k)``, so the first images
+    do not depend on ``num`` or on the model: two models sampled with one seed
+    start from the same noise.
+    """
+    batches, done, start = [], 0, time.perf_counter()
+    for k in range(-(-num // batch_size)):
+        n = min(batch_size, num - done)
+        rng_noise, rng_steps = jax.random.split(jax.random.fold_in(jax.random.key(seed), k))
+        noise = jax.random.normal(rng_noise, (batch_size, *shape))  # full batches: one compilation
+        if sampler == "ddim":
+            images = ddim_sample(model, params, schedule, noise, ddim_steps, eta, rng_steps if eta > 0 else None)
+        else:
+            images = ddpm_sample(model, params, schedule, noise, rng_steps)
+        batches.append(to_uint8(np.asarray(images))[:n])
+        done += n
+        logging.info("sampled %d/%d images (%.0f s)", done, num, time.perf_counter() - start)
+    return np.concatenate(batches)

@@ -1,7 +1,7 @@
 """The training engine: train state, the jitted step, mesh and shardings, checkpoints, the loop."""
 
 from deme_jax.train.distributed import initialize_from_environment
-from deme_jax.train.loop import NonFiniteLossError, build_model, build_schedule, train_and_evaluate
+from deme_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from deme_jax.train.state import TrainState
 from deme_jax.train.validate import ConfigError, validate_config
 
@@ -9,8 +9,6 @@ __all__ = [
     "ConfigError",
     "NonFiniteLossError",
     "TrainState",
-    "build_model",
-    "build_schedule",
     "initialize_from_environment",
     "train_and_evaluate",
     "validate_config",

@@ -35,6 +35,12 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
+    def restore_as_saved(self, step: int) -> dict:
+        """The raw state of ``step`` onto this process's first device, whatever mesh wrote it (for export)."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(None, fallback_sharding=device))).state
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -45,48 +51,3 @@ class Checkpoints:
 def abstract_with_shardings(abstract_state, shardings):
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-
-
-def is_training_workdir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
-
-
-def load_trained_unet(workdir: str | Path, step: int | None = None):
-    """``(model, ema_params, step)`` from a training workdir's latest (or given) checkpoint.
-
-    The EMA parameters are what a run is evaluated and exported with. A DeMe
-    run of stacked replicas gives them stacked (a leading replica axis). The
-    loss's own parameters (ANT-UW) are left out. The state is read as saved,
-    onto this process's first device, whatever mesh wrote it.
-    """
-    import json
-
-    from ml_collections import ConfigDict
-
-    from deme_jax.train.loop import build_model
-    from deme_jax.train.step import model_params
-
-    workdir = Path(workdir)
-    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    state = checkpoints.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(None, fallback_sharding=device))).state
-    checkpoints.close()
-    return build_model(config.model), model_params(state["ema_params"]), step
-
-
-def load_model(path: str | Path):
-    """``(model, params)`` from a training workdir (its latest EMA parameters), an orbax model or a diffusers dir."""
-    from absl import logging
-
-    from deme_jax import interop
-
-    if is_training_workdir(path):
-        model, params, step = load_trained_unet(path)
-        logging.info("%s: the EMA parameters of step %d", path, step)
-        return model, params
-    return interop.load_unet(path)

@@ -24,8 +24,9 @@ from jax.sharding import Mesh
 
 from deme_jax.data import heldout_images, make_stream
 from deme_jax.diffusion import ddim_sample, make_schedule
+from deme_jax.diffusion.timesteps import interval_labels, uniform_partition
 from deme_jax.images import image_grid, save_image_grid, to_uint8
-from deme_jax.models import UNet2D, init_params
+from deme_jax.models import build_model, init_params
 from deme_jax.train.checkpoints import Checkpoints, abstract_with_shardings
 from deme_jax.train.sharding import (
     batch_sharding,
@@ -41,16 +42,6 @@ from deme_jax.train.validate import validate_config
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def build_model(model_config) -> UNet2D:
-    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in model_config.items()}
-    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-    return UNet2D(**fields)
-
-
-def build_schedule(diffusion_config):
-    return make_schedule(**diffusion_config)
 
 
 class Preemption:
@@ -81,11 +72,15 @@ def host_value(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def interval_scalars(prefix: str, sums: np.ndarray, counts: np.ndarray, num_train_timesteps: int) -> dict:
+def interval_scalars(prefix: str, sums: np.ndarray, counts: np.ndarray, boundaries) -> dict:
     """``{prefix}/loss_t{low}-{high}``: the mean loss of each timestep interval that had examples."""
-    K, T = len(sums), num_train_timesteps
-    return {f"{prefix}/loss_t{k * T // K}-{(k + 1) * T // K}": float(sums[k] / counts[k]) for k in range(K)
-            if counts[k]}
+    labels = interval_labels(boundaries)
+    return {f"{prefix}/loss_t{label}": float(sums[k] / counts[k]) for k, label in enumerate(labels) if counts[k]}
+
+
+def report_boundaries(config) -> np.ndarray:
+    """The equal timestep intervals that training and held-out losses are reported on."""
+    return uniform_partition(config.diffusion.num_train_timesteps, config.train.loss_intervals)
 
 
 @dataclasses.dataclass
@@ -111,20 +106,21 @@ class Job:
 def train_and_evaluate(config, workdir: str | Path):
     """Trains the DDPM of ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
     validate_config(config, workdir)
-    model, schedule = build_model(config.model), build_schedule(config.diffusion)
+    model, schedule = build_model(config.model), make_schedule(**config.diffusion)
     optimizer = make_optimizer(config.optim)
-    mesh = make_mesh()
+    mesh = make_mesh(config.mesh.shape)
+    boundaries = report_boundaries(config)
     data_sharding = batch_sharding(mesh)
     stream = make_stream(config.data, config.train.batch_size, config.seed, jax.process_index(), jax.process_count())
     rng_params, rng_state, _ = jax.random.split(jax.random.key(config.seed), 3)
     job = Job(
         init_state=lambda: create_train_state(init_params(model, rng_params), optimizer, rng_state),
-        step=make_train_step(model, schedule, optimizer, config.ema, config.train.loss_intervals),
+        step=make_train_step(model, schedule, optimizer, config.ema, boundaries),
         batch=lambda step: global_batch(stream.batch(step), data_sharding),
         batch_spec=jax.ShapeDtypeStruct(batch_shape(config), jnp.float32, sharding=data_sharding),
         state_shardings=lambda abstract: state_shardings(mesh, abstract, config.mesh.fsdp),
         mesh=mesh,
-        heldout_loss=make_heldout_loss(model, schedule, config.train.loss_intervals),
+        heldout_loss=make_heldout_loss(model, schedule, boundaries),
         sample=lambda params, noise: ddim_sample(model, params, schedule, noise, config.sample.ddim_steps),
     )
     return run_training(config, workdir, job)
@@ -139,7 +135,7 @@ def run_training(config, workdir: str | Path, job: Job):
     """Runs ``job`` for ``config.train.num_steps`` steps in ``workdir``, resuming from its latest checkpoint."""
     workdir = Path(workdir)
     train = config.train
-    T = config.diffusion.num_train_timesteps
+    boundaries = report_boundaries(config)
     repl = replicated(job.mesh)
     rng_eval = jax.random.split(jax.random.key(config.seed), 3)[2]  # the same noise for every run of a seed
 
@@ -199,22 +195,22 @@ def run_training(config, workdir: str | Path, job: Job):
         counts = np.sum([r["interval_count"] for r in rows], axis=0)
         scalars = {"train/loss": float(np.mean(loss)), "train/grad_norm": float(np.mean(grad_norm))}
         if job.num_replicas is None:
-            scalars.update(interval_scalars("train", sums, counts, T))
+            scalars.update(interval_scalars("train", sums, counts, boundaries))
         else:
             for i in range(job.num_replicas):
                 scalars.update({f"train/replica{i}/loss": float(loss[i]), f"train/replica{i}/grad_norm":
-                                float(grad_norm[i]), **interval_scalars(f"train/replica{i}", sums[i], counts[i], T)})
+                                float(grad_norm[i]), **interval_scalars(f"train/replica{i}", sums[i], counts[i], boundaries)})
         writer.write_scalars(step, scalars)
 
     def evaluate(step: int) -> None:
         sums, counts = (host_value(x) for x in heldout_loss(state.ema_params, heldout, rng_eval))
         if job.num_replicas is None:
-            scalars = {"heldout/loss": float(sums.sum() / counts.sum()), **interval_scalars("heldout", sums, counts, T)}
+            scalars = {"heldout/loss": float(sums.sum() / counts.sum()), **interval_scalars("heldout", sums, counts, boundaries)}
         else:
             scalars = {}
             for i in range(job.num_replicas):
                 scalars.update({f"heldout/replica{i}/loss": float(sums[i].sum() / counts[i].sum()),
-                                **interval_scalars(f"heldout/replica{i}", sums[i], counts[i], T)})
+                                **interval_scalars(f"heldout/replica{i}", sums[i], counts[i], boundaries)})
         writer.write_scalars(step, scalars)
 
     def sample(step: int) -> None:

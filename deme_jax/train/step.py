@@ -6,9 +6,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from deme_jax.diffusion import NoiseSchedule, add_noise, epsilon_loss
+from deme_jax.diffusion.timesteps import interval_means, interval_sums, spread_timesteps
 from deme_jax.train.state import TrainState, ema_decay, ema_update
 
 # (rng, batch_size, task) -> int32 timesteps of shape (batch_size,)
@@ -36,19 +38,12 @@ def denoising_loss(eps, noise, x_t, t, task):
     return epsilon_loss(eps, noise)
 
 
-def interval_sums(values: jax.Array, t: jax.Array, num_train_timesteps: int, num_intervals: int):
-    """Sums and counts of per-example values in each of ``num_intervals`` equal timestep intervals."""
-    bucket = t * num_intervals // num_train_timesteps
-    sums = jax.ops.segment_sum(values, bucket, num_intervals)
-    counts = jax.ops.segment_sum(jnp.ones_like(values), bucket, num_intervals)
-    return sums, counts
-
-
 def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
-                    num_intervals: int, sample_timesteps: TimestepSampler | None = None,
+                    report_boundaries, sample_timesteps: TimestepSampler | None = None,
                     per_example_loss: PerExampleLoss = denoising_loss, reduce_loss: LossReduction | None = None):
     """Builds ``step(state, images, task=None) -> (state, metrics)``; by default the DDPM objective.
 
+    The loss is also reported per interval of ``report_boundaries``.
     ``task`` (any pytree) reaches the timestep sampler and the loss: DeMe passes
     each replica's interval and the frozen teacher there. ``reduce_loss``
     replaces the batch mean, with ``params[LOSS_PARAMS]`` as its parameters.
@@ -85,7 +80,7 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
             ema_params=ema_update(state.ema_params, params, ema_decay(state.step, ema_config)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        sums, counts = interval_sums(per_example, t, T, num_intervals)
+        sums, counts = interval_sums(per_example, t, report_boundaries)
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32),
                    "interval_loss_sum": sums, "interval_count": counts}
         return new_state, metrics
@@ -93,16 +88,11 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     return step
 
 
-def heldout_timesteps(n: int, num_train_timesteps: int) -> jax.Array:
-    """``n`` timesteps spread evenly over [0, T): comparable held-out losses with far less noise than random ones."""
-    return ((jnp.arange(n) + 0.5) * num_train_timesteps / n).astype(jnp.int32)
-
-
 def make_heldout_losses(model, schedule: NoiseSchedule):
     """``losses(params, images, rng) -> (per-example loss, t)`` at evenly spread timesteps and fixed noise."""
 
     def heldout_losses(params, images, rng):
-        t = heldout_timesteps(images.shape[0], schedule.num_train_timesteps)
+        t = spread_timesteps(images.shape[0], schedule.num_train_timesteps)
         noise = jax.random.normal(rng, images.shape, images.dtype)
         eps = model.apply({"params": model_params(params)}, add_noise(schedule, images, noise, t), t)
         return epsilon_loss(eps, noise), t
@@ -110,8 +100,17 @@ def make_heldout_losses(model, schedule: NoiseSchedule):
     return heldout_losses
 
 
-def make_heldout_loss(model, schedule: NoiseSchedule, num_intervals: int):
-    """``loss(params, images, rng) -> (sums, counts)`` per equal interval of the held-out losses."""
+def make_heldout_loss(model, schedule: NoiseSchedule, boundaries):
+    """``loss(params, images, rng) -> (sums, counts)`` of the held-out losses per interval of ``boundaries``."""
     losses = make_heldout_losses(model, schedule)
-    return lambda params, images, rng: interval_sums(*losses(params, images, rng), schedule.num_train_timesteps,
-                                                     num_intervals)
+    return lambda params, images, rng: interval_sums(*losses(params, images, rng), boundaries)
+
+
+def make_interval_loss(model, schedule: NoiseSchedule, images, boundaries, rng):
+    """``loss(params, rng=rng) -> (N,)`` numpy held-out loss per interval of ``boundaries`` on ``images``.
+
+    The noise is ``rng``'s unless another key is passed; one compilation serves every key.
+    """
+    losses = make_heldout_losses(model, schedule)
+    fn = jax.jit(lambda params, images, rng: interval_means(*losses(params, images, rng), boundaries))
+    return lambda params, rng=rng: np.asarray(fn(params, images, rng))

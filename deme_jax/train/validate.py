@@ -8,7 +8,8 @@ from pathlib import Path
 
 import jax
 
-from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
+from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES
+from deme_jax.models.registry import MODEL_CLASSES, field_names
 
 
 class ConfigError(ValueError):
@@ -21,9 +22,11 @@ def require(condition: bool, message: str) -> None:
 
 
 def validate_model(model) -> None:
-    fields = set(UNet2D.__dataclass_fields__) - {"parent", "name"}
+    class_name = model.get("class_name", "UNet2D")
+    require(class_name in MODEL_CLASSES, f"config.model.class_name={class_name!r}: use one of {sorted(MODEL_CLASSES)}.")
+    fields = set(field_names(MODEL_CLASSES[class_name])) | {"class_name"}
     unknown = sorted(set(model) - fields)
-    require(not unknown, f"config.model has unknown fields {unknown}; UNet2D takes {sorted(fields)}.")
+    require(not unknown, f"config.model has unknown fields {unknown}; {class_name} takes {sorted(fields)}.")
     channels, groups = list(model.block_out_channels), model.norm_num_groups
     levels = len(channels)
     require(len(model.down_block_types) == levels and len(model.up_block_types) == levels,
@@ -75,6 +78,9 @@ def validate_config(config, workdir, data_devices: int | None = None) -> None:
             f"{config.model.sample_size}; set both to the image size the model is trained on.")
     require(config.data.channels == config.model.in_channels == config.model.out_channels,
             f"config.data.channels={config.data.channels} must equal config.model.in_channels and out_channels.")
+    axes = list(config.mesh.shape)
+    require(set(axes) <= {"replica", "data"} and "data" in axes,
+            f"config.mesh.shape has the axes {axes}: give `data` (and `replica` for stacked DeMe replicas).")
     validate_model(config.model)
     check_workdir(workdir)
 

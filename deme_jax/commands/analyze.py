@@ -14,43 +14,21 @@ import json
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
 from deme_jax.analysis import filter_normalized_direction, gradient_conflict, landscape, plot_conflict, plot_landscape
-from deme_jax.data import heldout_images, make_source
-from deme_jax.data.stream import to_model_range
-from deme_jax.deme.intervals import uniform_partition
-from deme_jax.train import build_schedule
-from deme_jax.train.checkpoints import is_training_workdir, load_model
+from deme_jax.data import heldout_images, training_batches
+from deme_jax.deme import load_pretrained, load_replicas
+from deme_jax.diffusion import make_schedule
+from deme_jax.diffusion.timesteps import uniform_partition
+from deme_jax.interop import is_training_workdir, load_model, run_config
+from deme_jax.merge import task_vectors
 
 DIRECTIONS = ("auto", "random", "task_vectors")
 
 
-def default_analyze_config() -> ml_collections.ConfigDict:
-    """The ``config.analyze`` fields."""
-    return ml_collections.ConfigDict(dict(
-        model="",  # "" = the workdir's (pretrained model of a DeMe run, else its EMA weights), or a path
-        num_intervals=4,  # K equal timestep intervals (a DeMe workdir uses its own partition)
-        num_images=128,  # training images per gradient batch
-        num_batches=4,  # gradients are summed over this many batches before the cosines
-        landscape_images=256,  # held-out images for each landscape point
-        grid_size=11,  # points per landscape axis
-        span=1.0,  # the plane covers [-span, span] along each direction
-        directions="auto",  # "auto", "random" or "task_vectors"
-        seed=0,
-    ))
-
-
-def training_batches(data_config, num_batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    source = make_source(data_config)
-    order = np.random.default_rng(seed).permutation(len(source))
-    return [to_model_range(np.stack([source[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]))
-            for k in range(num_batches)]
-
-
-def analyze(config, workdir: str | Path) -> dict:
+def run(config, workdir: str | Path) -> dict:
     """Writes DIR/analysis/{gradient_conflict.png,.npy, landscape.png,.npz, summary.json}; returns the summary."""
     workdir = Path(workdir)
     settings = config.analyze
@@ -58,21 +36,19 @@ def analyze(config, workdir: str | Path) -> dict:
         raise ValueError(f"config.analyze.directions={settings.directions!r}: use one of {list(DIRECTIONS)}.")
     replicas = None
     boundaries = uniform_partition(config.diffusion.num_train_timesteps, settings.num_intervals)
-    run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}
+    stored = run_config(workdir) or {}
     if settings.model:
         model, params = load_model(settings.model)
-    elif "deme" in run:
-        from deme_jax.deme.finetune import load_pretrained, load_replicas
-
-        _, replicas, boundaries, run_config = load_replicas(workdir)
-        model, params, student, base = load_pretrained(run_config)
+    elif "deme" in stored:
+        _, replicas, boundaries, finetune_config = load_replicas(workdir)
+        model, params, student, base = load_pretrained(finetune_config)
     elif is_training_workdir(workdir):
         model, params = load_model(workdir)
     elif "deme" in config and config.deme.pretrained:
         model, params = load_model(config.deme.pretrained)
     else:
         raise FileNotFoundError(f"{workdir} holds no run to analyse; set config.analyze.model to a model path.")
-    schedule = build_schedule(config.diffusion)
+    schedule = make_schedule(**config.diffusion)
     rng = jax.random.key(settings.seed)
     out = workdir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +65,6 @@ def analyze(config, workdir: str | Path) -> dict:
     if directions == "task_vectors":
         if replicas is None:
             raise ValueError("config.analyze.directions='task_vectors' needs a DeMe finetuning workdir.")
-        from deme_jax.merge import task_vectors
-
         taus = task_vectors(base, replicas)
         d1, d2 = (jax.tree_util.tree_map(lambda x, i=i: x[i], taus) for i in (0, len(boundaries) - 2))
         center, landscape_model, labels = base, student, ("task vector 1 (low t)", "task vector N (high t)")

@@ -18,36 +18,21 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
 
 from deme_jax.data import heldout_images
 from deme_jax.deme.finetune import load_pretrained, load_replicas
+from deme_jax.diffusion import make_schedule, sample_images
 from deme_jax.interop import save_diffusers_unet, save_orbax_unet
 from deme_jax.merge import METHODS, merge
 from deme_jax.merge.search import SEARCHES, coordinate_descent, grid_search
-from deme_jax.train.loop import build_schedule
-from deme_jax.train.step import make_heldout_losses
+from deme_jax.metrics.scoring import Scorer
+from deme_jax.train.step import make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
 METRICS = ("heldout_loss", "fd_mnist", "fid")
-
-
-def default_merge_config() -> ml_collections.ConfigDict:
-    """The ``config.merge`` fields."""
-    return ml_collections.ConfigDict(dict(
-        method="task_arithmetic",  # "task_arithmetic", "ties" or "dare"
-        search="grid",  # "grid" (every combination of `weight_values`), "coordinate" (descent), or "none" (`weights`)
-        weight_values=(0.0, 0.25, 0.5, 0.75, 1.0),  # candidate values of each weight
-        weights=ml_collections.config_dict.placeholder(tuple),  # fixed weights for search="none"
-        init=0.25,  # coordinate descent's starting weight for every replica
-        max_rounds=3,  # coordinate descent rounds
-        metric="heldout_loss",  # per-interval normalised held-out loss, or "fd_mnist" / "fid" of samples
-        ties_density=0.2,
-        dare_drop_rate=0.1,
-    ))
 
 
 def validate_merge_config(merge_config, num_replicas: int) -> None:
@@ -76,30 +61,11 @@ def merge_options(merge_config, seed: int) -> dict:
     return {}
 
 
-def interval_means(losses: jax.Array, t: jax.Array, partition) -> jax.Array:
-    """The mean of ``losses`` over the examples of each partition interval."""
-    bucket = jnp.searchsorted(jnp.asarray(partition[1:-1]), t, side="right")
-    n = len(partition) - 1
-    return jax.ops.segment_sum(losses, bucket, n) / jax.ops.segment_sum(jnp.ones_like(losses), bucket, n)
-
-
-def make_interval_loss(model, schedule, images, partition, rng):
-    """``loss(params, rng=rng) -> (N,)`` held-out loss per partition interval at fixed timesteps.
-
-    The noise is ``rng``'s unless another key is passed; one compilation serves every key.
-    """
-    losses = make_heldout_losses(model, schedule)
-    fn = jax.jit(lambda params, images, rng: interval_means(*losses(params, images, rng), partition))
-    return lambda params, rng=rng: np.asarray(fn(params, images, rng))
-
-
 def make_score(config, run_config, model, schedule, interval_loss, reference):
     """``score(params) -> float`` (lower is better) for config.merge.metric."""
     metric = config.merge.metric
     if metric == "heldout_loss":
         return lambda params: float(np.mean(interval_loss(params) / reference))
-    from deme_jax.evaluate import Scorer, sample_images
-
     evaluation = config.evaluate.copy_and_resolve_references()
     evaluation.metrics = (metric,)
     scorer = Scorer(evaluation, run_config.data)
@@ -130,7 +96,7 @@ def merge_replicas(config, workdir: str | Path):
             f"the replicas in {workdir} do not have the structure of config.deme.pretrained="
             f"{run_config.deme.pretrained!r} (with projections: {run_config.deme.channel_projection}); merge "
             "replicas with the model they were finetuned from.")
-    schedule = build_schedule(run_config.diffusion)
+    schedule = make_schedule(**run_config.diffusion)
     images = heldout_images(run_config.data, config.eval.num_images)
     interval_loss = make_interval_loss(model, schedule, images, partition, jax.random.key(config.seed + 2))
     reference = interval_loss(base)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from deme_jax.assets import MNIST16_DDPM
+from deme_jax.defaults import mnist_deme_config
 
 MODELS = ("pretrained", "finetune_n1", "deme_merged", "ensemble")
 
@@ -69,7 +70,6 @@ class Progress:
 
 def demo_configs(preset: Preset, pretrained: str):
     """The DeMe config and the N=1 baseline's, both from configs/mnist_deme.py's settings."""
-    from deme_jax.defaults import mnist_deme_config
 
     deme = mnist_deme_config()
     deme.deme.pretrained = pretrained
@@ -87,7 +87,7 @@ def demo_configs(preset: Preset, pretrained: str):
 
 def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int) -> dict:
     """Mean, spread and values over noise draws (the same draws for every model) of the loss in each interval."""
-    from deme_jax.merging import make_interval_loss
+    from deme_jax.train.step import make_interval_loss
 
     loss = make_interval_loss(model, schedule, images, partition, jax.random.key(100))
     draws = np.stack([loss(params, jax.random.key(100 + k)) for k in range(seeds)])
@@ -122,16 +122,25 @@ def compare_models(results: dict) -> list[dict]:
             for a, b in COMPARISONS for metric in ("fid", "fd_mnist", "loss_ratio")]
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--workdir", required=True, help="where runs, figures and report.md go")
+    parser.add_argument("--preset", choices=("default", "full", "test"), default="default",
+                        help="default: about 10 minutes on 2 CPU cores; full: 10x longer finetuning; test: seconds")
+    parser.add_argument("--pretrained", help="the pretrained DDPM (default: the one shipped in deme_jax/assets)")
+
+
+def run(args) -> None:
+    report = run_demo(args.workdir, args.preset, args.pretrained)
+    print(f"report: {args.workdir}/report.md (total {report['timing']['total_s']:.0f} s)")
+
+
 def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | None = None) -> dict:
     from deme_jax.analysis import gradient_conflict, plot_conflict
-    from deme_jax.analyze import training_batches
-    from deme_jax.data import heldout_images
-    from deme_jax.deme import TimestepEnsemble, finetune, load_replicas
-    from deme_jax.deme.finetune import load_pretrained
-    from deme_jax.evaluate import Scorer, evaluate_model
-    from deme_jax.merging import merge_replicas
-    from deme_jax.train import build_schedule
-    from deme_jax.train.checkpoints import load_model
+    from deme_jax.data import heldout_images, training_batches
+    from deme_jax.deme import TimestepEnsemble, finetune, load_pretrained, load_replicas, merge_replicas
+    from deme_jax.diffusion import make_schedule
+    from deme_jax.interop import load_model
+    from deme_jax.metrics.scoring import Scorer, evaluate_model
 
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: use one of {sorted(PRESETS)}")
@@ -172,7 +181,7 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     progress(f"4/6 evaluating 4 models: {settings.eval_samples} samples x {settings.num_seeds} seeds "
              f"(FID on {settings.fid_samples}, FD-MNIST on all), loss per interval on held-out digits "
              f"{settings.search_images}-{settings.heldout_images - 1}")
-    schedule = build_schedule(deme_config.diffusion)
+    schedule = make_schedule(**deme_config.diffusion)
     evaluation = deme_config.evaluate
     evaluation.update(dict(num_samples=settings.eval_samples, fid_samples=settings.fid_samples,
                            num_seeds=settings.num_seeds,

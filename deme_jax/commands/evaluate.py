@@ -1,0 +1,49 @@
+"""``deme evaluate --config=FILE --workdir=DIR``: samples a workdir's model and scores it (FID, KID, FD-MNIST).
+
+Writes DIR/eval/{results.json,samples.png} and TensorBoard scalars; what is
+sampled and scored is config.evaluate (see deme_jax.defaults and
+deme_jax.metrics.scoring).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from deme_jax.diffusion import make_schedule
+from deme_jax.images import save_image_grid
+from deme_jax.interop import load_model
+from deme_jax.metrics.scoring import evaluate_model
+from deme_jax.models import param_shapes
+
+
+def workdir_model(config, workdir: Path):
+    """What ``deme evaluate`` scores: config.evaluate.model, else the merged model, else the run's EMA weights."""
+    path = config.evaluate.model or (workdir / "merge" / "orbax" if (workdir / "merge" / "orbax").is_dir()
+                                     else workdir)
+    return str(path), *load_model(path)
+
+
+def run(config, workdir: str | Path) -> dict:
+    """Scores the workdir's model; returns what DIR/eval/results.json holds."""
+    workdir = Path(workdir)
+    path, model, params = workdir_model(config, workdir)
+    if jax.tree_util.tree_map(np.shape, params) != jax.tree_util.tree_map(np.shape, param_shapes(model)):
+        raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
+    out = workdir / "eval"
+    result = evaluate_model(model, params, make_schedule(**config.diffusion), config.evaluate, config.data)
+    result["model"] = path
+    out.mkdir(parents=True, exist_ok=True)
+    save_image_grid(jnp.asarray(result.pop("samples")[:64], jnp.float32) / 127.5 - 1, out / "samples.png")
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    writer = metric_writers.create_default_writer(out)
+    writer.write_scalars(0, {f"eval/{k}": v["mean"] for k, v in result["summary"].items()})
+    writer.flush()
+    logging.info("%s: %s -> %s", path, result["summary"], out / "results.json")
+    return result
