@@ -90,7 +90,7 @@ def main() -> None:
     scorer = Scorer(config.evaluate, config.data)
     results["reference_features_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    images = sample_images(model, params, make_schedule(), args.samples, (16, 16, 1), seed=0, batch_size=250,
+    images = sample_images(model, params, make_schedule(), args.samples, (16, 16, 1), jax.random.key(0), batch_size=250,
                            ddim_steps=50)
     results["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import pytest
 from deme_jax.commands.demo import COMPARISONS, MODELS, paired_difference, run_demo
 from deme_jax.interop import save_diffusers_unet
 from deme_jax.models import UNet2D, init_params
+from tests.metrics_util import read_scalars
 
 
 @pytest.mark.slow
@@ -59,8 +60,11 @@ def test_the_shipped_models_recipe_trains(tmp_path):
     from deme_jax.train import train_and_evaluate
 
     config = mnist16_pretrain.get_config()
-    config.train.update(dict(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2, eval_every=2,
+    config.train.update(dict(batch_size=16, num_steps=30, log_every=10, checkpoint_every=30, eval_every=10,
                              sample_every=0))
-    config.eval.num_images = 16
+    config.eval.num_images = 32
     state = train_and_evaluate(config, tmp_path)
-    assert int(state.step) == 2
+    assert int(state.step) == 30
+    scalars = read_scalars(tmp_path)  # the recipe learns: its held-out and training losses fall
+    heldout, train = scalars["heldout/loss"], scalars["train/loss"]
+    assert heldout[30] < heldout[20] < heldout[10] and train[30] < train[10]

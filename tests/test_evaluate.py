@@ -50,8 +50,8 @@ def test_evaluate_writes_scores_per_seed_a_grid_and_a_summary(tmp_path):
 
 def test_first_images_do_not_depend_on_how_many_are_drawn():
     params = init_params(MODEL, jax.random.key(0))
-    few = sample_images(MODEL, params, make_schedule(), 3, (16, 16, 1), seed=5, batch_size=4, ddim_steps=2)
-    more = sample_images(MODEL, params, make_schedule(), 6, (16, 16, 1), seed=5, batch_size=4, ddim_steps=2)
+    few = sample_images(MODEL, params, make_schedule(), 3, (16, 16, 1), jax.random.key(5), batch_size=4, ddim_steps=2)
+    more = sample_images(MODEL, params, make_schedule(), 6, (16, 16, 1), jax.random.key(5), batch_size=4, ddim_steps=2)
     assert few.dtype == np.uint8 and few.shape == (3, 16, 16, 1)
     np.testing.assert_array_equal(few, more[:3])
 

@@ -18,6 +18,7 @@ from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_un
 from deme_jax.merge import merge
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train import ConfigError
+from tests.metrics_util import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,15 @@ def test_finetune_writes_per_replica_metrics_and_ensemble_samples(stacked_run):
     assert (workdir / "samples" / "step_0000004.png").is_file()
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["channel_projection"] is True and config["model"]["sample_size"] == 8
+    scalars = read_scalars(workdir)
+    for step in (2, 4):  # log_every=2: each replica's loss, and their mean as train/loss
+        losses = [scalars[f"train/replica{i}/loss"][step] for i in range(2)]
+        assert all(np.isfinite(losses)) and losses[0] != losses[1]
+        assert scalars["train/loss"][step] == pytest.approx(np.mean(losses), rel=1e-6)
+    for i in range(2):  # eval_every=4: each replica's EMA weights on the held-out digits, per equal interval
+        heldout = [scalars[f"heldout/replica{i}/loss_t{a}-{a + 250}"][4] for a in range(0, 1000, 250)]
+        assert all(np.isfinite(heldout))
+        assert scalars[f"heldout/replica{i}/loss"][4] == pytest.approx(np.mean(heldout), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -8,11 +8,19 @@ import pytest
 from ml_collections import ConfigDict
 
 from deme_jax.deme import uniform_partition
-from deme_jax.train.sharding import make_mesh
-from deme_jax.deme.replicas import interval_tasks, make_replica_step, map_over_replicas, replica_slice, stack, \
-    with_identity_projections
+from deme_jax.deme.replicas import (
+    init_replicas,
+    interval_tasks,
+    make_replica_step,
+    map_over_replicas,
+    replica_slice,
+    stack,
+    task_slice,
+    with_identity_projections,
+)
 from deme_jax.diffusion import make_schedule
 from deme_jax.models import UNet2D, init_params
+from deme_jax.train.sharding import make_mesh
 from deme_jax.train.state import create_train_state
 
 TEACHER = UNet2D(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
@@ -30,6 +38,30 @@ def test_identity_projections_leave_the_pretrained_output_unchanged():
     kernels = [k for k in jax.tree_util.tree_leaves_with_path(student_params) if "channel_projection" in
                jax.tree_util.keystr(k[0])]
     assert len(kernels) == 2 + 1 + 2  # after each down block, the mid block, each up block
+
+
+def test_map_over_replicas_runs_each_replica_with_its_own_slice():
+    """One stacked step on the smallest UNet equals each replica's own step on its own slice."""
+    tiny = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  layers_per_block=1, norm_num_groups=4)
+    n, schedule, optimizer = 2, make_schedule(), optax.adamw(1e-3)
+    teacher_params = init_params(tiny, jax.random.key(0))
+    ema = ConfigDict(dict(max_decay=0.999, inv_gamma=1.0, power=0.75))
+    step = make_replica_step(tiny, tiny, schedule, optimizer, ema, uniform_partition(1000, n), global_prob=0.0)
+    task = interval_tasks(uniform_partition(1000, n), teacher_params)
+    state = init_replicas(teacher_params, optimizer, jax.random.split(jax.random.key(1), n))
+    images = jax.random.normal(jax.random.key(2), (n, 4, 8, 8, 1))
+    stacked, metrics = jax.jit(map_over_replicas(step, make_mesh({"replica": 0, "data": -1}, n)))(state, images, task)
+    for i in range(n):
+        one, one_metrics = jax.jit(step)(replica_slice(state, i), images[i], task_slice(task, i))
+        np.testing.assert_allclose(one_metrics["loss"], metrics["loss"][i], rtol=1e-6)
+        np.testing.assert_array_equal(one_metrics["interval_count"], metrics["interval_count"][i])
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                               one.params, replica_slice(stacked, i).params)
+    # each replica drew timesteps only from its own interval, so the two losses differ
+    np.testing.assert_array_equal(metrics["interval_count"], np.eye(n) * 4)
+    assert metrics["loss"][0] != metrics["loss"][1]
 
 
 @pytest.mark.slow  # the same property through `deme finetune` runs by default in test_finetune.py

@@ -24,6 +24,7 @@ from deme_jax.diffusion import make_schedule
 from deme_jax.diffusion.timesteps import uniform_partition
 from deme_jax.interop import is_training_workdir, load_model, run_config
 from deme_jax.merge import task_vectors
+from deme_jax.randomness import stream_key, stream_seed
 
 DIRECTIONS = ("auto", "random", "task_vectors")
 
@@ -49,13 +50,14 @@ def run(config, workdir: str | Path) -> dict:
     else:
         raise FileNotFoundError(f"{workdir} holds no run to analyse; set config.analyze.model to a model path.")
     schedule = make_schedule(**config.diffusion)
-    rng = jax.random.key(settings.seed)
     out = workdir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
 
     logging.info("gradient conflict over %s", boundaries.tolist())
-    batches = training_batches(config.data, settings.num_batches, settings.num_images, settings.seed)
-    conflict = gradient_conflict(model, params, schedule, batches, boundaries, rng)
+    batches = training_batches(config.data, settings.num_batches, settings.num_images,
+                               stream_seed(settings.seed, "gradient_conflict"))
+    conflict = gradient_conflict(model, params, schedule, batches, boundaries,
+                                 stream_key(settings.seed, "gradient_conflict"))
     np.save(out / "gradient_conflict.npy", conflict)
     plot_conflict(conflict, boundaries, out / "gradient_conflict.png")
 
@@ -69,14 +71,14 @@ def run(config, workdir: str | Path) -> dict:
         d1, d2 = (jax.tree_util.tree_map(lambda x, i=i: x[i], taus) for i in (0, len(boundaries) - 2))
         center, landscape_model, labels = base, student, ("task vector 1 (low t)", "task vector N (high t)")
     else:
-        r1, r2 = jax.random.split(jax.random.fold_in(rng, 1))
+        r1, r2 = jax.random.split(stream_key(settings.seed, "directions"))
         d1, d2 = filter_normalized_direction(params, r1), filter_normalized_direction(params, r2)
         center, landscape_model, labels = params, model, ("random direction 1", "random direction 2")
     coordinates = np.linspace(-settings.span, settings.span, settings.grid_size)
     images = heldout_images(config.data, settings.landscape_images)
     logging.info("loss landscape on a %dx%d grid along %s", settings.grid_size, settings.grid_size, directions)
     grid = landscape(landscape_model, center, schedule, images, d1, d2, boundaries, coordinates,
-                     jax.random.fold_in(rng, 2))
+                     stream_key(settings.seed, "landscape"))
     np.savez(out / "landscape.npz", loss=grid, coordinates=coordinates, boundaries=boundaries)
     plot_landscape(grid, coordinates, boundaries, out / "landscape.png", labels)
 

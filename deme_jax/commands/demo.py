@@ -22,6 +22,7 @@ import numpy as np
 
 from deme_jax.assets import MNIST16_DDPM
 from deme_jax.defaults import mnist_deme_config
+from deme_jax.randomness import stream_key, stream_seed
 
 MODELS = ("pretrained", "finetune_n1", "deme_merged", "ensemble")
 
@@ -85,12 +86,13 @@ def demo_configs(preset: Preset, pretrained: str):
     return deme, baseline
 
 
-def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int) -> dict:
+def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int, seed: int) -> dict:
     """Mean, spread and values over noise draws (the same draws for every model) of the loss in each interval."""
     from deme_jax.train.step import make_interval_loss
 
-    loss = make_interval_loss(model, schedule, images, partition, jax.random.key(100))
-    draws = np.stack([loss(params, jax.random.key(100 + k)) for k in range(seeds)])
+    keys = [stream_key(seed, "report_noise", k) for k in range(seeds)]
+    loss = make_interval_loss(model, schedule, images, partition, keys[0])
+    draws = np.stack([loss(params, key) for key in keys])
     return {"mean": draws.mean(0).tolist(), "std": draws.std(0, ddof=1).tolist() if seeds > 1 else [0.0] * len(
         partition[:-1]), "per_seed": draws.tolist()}
 
@@ -198,15 +200,17 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
             **{metric: {**summary, "per_seed": [s[metric] for s in scores["per_seed"]]}
                for metric, summary in scores["summary"].items()},
             "loss_by_interval": heldout_loss_by_interval(model, params, schedule, images, partition,
-                                                         settings.num_seeds),
+                                                         settings.num_seeds, deme_config.seed),
         }
         progress(f"   {name}: " + ", ".join(f"{m} {v['mean']:.2f} +- {v['std']:.2f}"
                                             for m, v in scores["summary"].items()))
     progress.stage("evaluate")
     progress("5/6 figures: samples from the same noise, gradient conflict, merge-weight search")
     plot_samples(grids, workdir / "samples.png")
-    batches = training_batches(deme_config.data, 2, 64, seed=0)
-    conflict = gradient_conflict(teacher, teacher_params, schedule, batches, partition, jax.random.key(0))
+    seed = deme_config.analyze.seed
+    batches = training_batches(deme_config.data, 2, 64, stream_seed(seed, "gradient_conflict"))
+    conflict = gradient_conflict(teacher, teacher_params, schedule, batches, partition,
+                                 stream_key(seed, "gradient_conflict"))
     plot_conflict(conflict, partition, workdir / "gradient_conflict.png")
     (workdir / "merge_search.png").write_bytes((workdir / "deme" / "merge" / "search.png").read_bytes())
     progress.stage("figures")

@@ -23,7 +23,7 @@ def make_source(data: ml_collections.ConfigDict, split: str | None = None):
 def make_stream(
     data: ml_collections.ConfigDict,
     global_batch_size: int,
-    seed: int,
+    seed: int | tuple[int, ...],
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,

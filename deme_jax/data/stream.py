@@ -39,7 +39,7 @@ class BatchStream:
         source,
         global_batch_size: int,
         *,
-        seed: int,
+        seed: int | tuple[int, ...],
         process_index: int = 0,
         process_count: int = 1,
         random_flip: bool = False,
@@ -58,7 +58,7 @@ class BatchStream:
         self.source = source
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
-        self.seed = seed
+        self.seed = (seed,) if isinstance(seed, int) else tuple(seed)  # numpy SeedSequence entropy
         self.process_index = process_index
         self.process_count = process_count
         self.random_flip = random_flip
@@ -69,7 +69,7 @@ class BatchStream:
         self._permutation = functools.lru_cache(maxsize=2)(self._draw_permutation)
 
     def _draw_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, _PERMUTATION, epoch]).permutation(len(self.source))
+        return np.random.default_rng([*self.seed, _PERMUTATION, epoch]).permutation(len(self.source))
 
     def global_indices(self, step: int) -> np.ndarray:
         """Source indices of the whole global batch `step`, in row order."""
@@ -85,7 +85,7 @@ class BatchStream:
         """Which rows of global batch `step` are flipped horizontally (all False without random_flip)."""
         if not self.random_flip:
             return np.zeros(self.global_batch_size, bool)
-        return np.random.default_rng([self.seed, _FLIP, step]).random(self.global_batch_size) < 0.5
+        return np.random.default_rng([*self.seed, _FLIP, step]).random(self.global_batch_size) < 0.5
 
     def batch(self, step: int) -> np.ndarray:
         """This process's rows of global batch `step`: float32 NHWC in [-1, 1]."""

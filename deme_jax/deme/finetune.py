@@ -40,6 +40,7 @@ from deme_jax.deme.replicas import (
 from deme_jax.diffusion import ddim_sample, make_schedule, min_snr_weight, p2_weight
 from deme_jax.interop import load_model, load_run
 from deme_jax.models import model_fields
+from deme_jax.randomness import stream_key, stream_seed
 from deme_jax.train.loop import Job, batch_shape, report_boundaries, run_training
 from deme_jax.train.sharding import make_mesh, replicated
 from deme_jax.train.state import create_train_state, make_optimizer
@@ -112,13 +113,15 @@ def with_model(config, model):
 
 
 def replica_rngs(seed: int, num_replicas: int) -> jax.Array:
-    return jax.random.split(jax.random.fold_in(jax.random.key(seed), 7), num_replicas)
+    """Replica i's ``train`` stream: its timesteps, noise and dropout."""
+    return jnp.stack([stream_key(seed, "train", i) for i in range(num_replicas)])
 
 
 def replica_streams(config) -> list[BatchStream]:
-    """Replica i's batches: its own order of the training set, the same in either mode and on any process."""
+    """Replica i's batches (its ``data`` stream): its own order of the training set, the same in either mode
+    and on any process."""
     source = make_source(config.data)
-    return [BatchStream(source, config.train.batch_size, seed=config.seed * 1_000 + i,
+    return [BatchStream(source, config.train.batch_size, seed=stream_seed(config.seed, "data", i),
                         random_flip=config.data.random_flip) for i in range(config.deme.num_replicas)]
 
 

@@ -28,7 +28,8 @@ from deme_jax.diffusion import make_schedule, sample_images
 from deme_jax.interop import save_diffusers_unet, save_orbax_unet
 from deme_jax.merge import METHODS, merge
 from deme_jax.merge.search import SEARCHES, coordinate_descent, grid_search
-from deme_jax.metrics.scoring import Scorer
+from deme_jax.metrics.scoring import Scorer, sample_noise
+from deme_jax.randomness import stream_key
 from deme_jax.train.step import make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
@@ -57,7 +58,7 @@ def merge_options(merge_config, seed: int) -> dict:
     if merge_config.method == "ties":
         return {"density": merge_config.ties_density}
     if merge_config.method == "dare":
-        return {"drop_rate": merge_config.dare_drop_rate, "rng": jax.random.key(seed)}
+        return {"drop_rate": merge_config.dare_drop_rate, "rng": stream_key(seed, "dare")}
     return {}
 
 
@@ -73,7 +74,7 @@ def make_score(config, run_config, model, schedule, interval_loss, reference):
     shape = (data.image_size, data.image_size, data.channels)
 
     def score(params) -> float:
-        images = sample_images(model, params, schedule, evaluation.num_samples, shape, evaluation.seed,
+        images = sample_images(model, params, schedule, evaluation.num_samples, shape, sample_noise(evaluation, 0),
                                evaluation.batch_size, evaluation.sampler, evaluation.ddim_steps, evaluation.eta)
         return float(scorer.score(images)[metric])
 
@@ -98,7 +99,7 @@ def merge_replicas(config, workdir: str | Path):
             "replicas with the model they were finetuned from.")
     schedule = make_schedule(**run_config.diffusion)
     images = heldout_images(run_config.data, config.eval.num_images)
-    interval_loss = make_interval_loss(model, schedule, images, partition, jax.random.key(config.seed + 2))
+    interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"))
     reference = interval_loss(base)
     options = merge_options(config.merge, config.seed)
     merged_fn = jax.jit(lambda w, base, replicas: merge(base, replicas, w, config.merge.method, **options))

@@ -161,18 +161,18 @@ def ddpm_sample(model, params, schedule: NoiseSchedule, noise, rng):
     )
 
 
-def sample_images(model, params, schedule, num: int, shape: tuple[int, int, int], seed: int, batch_size: int,
+def sample_images(model, params, schedule, num: int, shape: tuple[int, int, int], rng: jax.Array, batch_size: int,
                   sampler: str = "ddim", ddim_steps: int = 50, eta: float = 0.0) -> np.ndarray:
-    """``num`` uint8 samples of ``shape`` (H, W, C), drawn in batches, from the noise of ``seed``.
+    """``num`` uint8 samples of ``shape`` (H, W, C), drawn in batches, from the noise of ``rng``.
 
-    Batch k's noise comes from ``fold_in(key(seed), k)``, so the first images
-    do not depend on ``num`` or on the model: two models sampled with one seed
+    Batch k's noise comes from ``fold_in(rng, k)``, so the first images
+    do not depend on ``num`` or on the model: two models sampled with one key
     start from the same noise.
     """
     batches, done, start = [], 0, time.perf_counter()
     for k in range(-(-num // batch_size)):
         n = min(batch_size, num - done)
-        rng_noise, rng_steps = jax.random.split(jax.random.fold_in(jax.random.key(seed), k))
+        rng_noise, rng_steps = jax.random.split(jax.random.fold_in(rng, k))
         noise = jax.random.normal(rng_noise, (batch_size, *shape))  # full batches: one compilation
         if sampler == "ddim":
             images = ddim_sample(model, params, schedule, noise, ddim_steps, eta, rng_steps if eta > 0 else None)

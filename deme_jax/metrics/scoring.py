@@ -12,6 +12,7 @@ much as the differences between good models.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -25,6 +26,7 @@ from deme_jax.metrics.fid import (
     load_statistics,
 )
 from deme_jax.metrics.mnist_features import fd_mnist, load_mnist_features
+from deme_jax.randomness import stream_key
 
 METRICS = ("fid", "kid", "fd_mnist")
 
@@ -74,6 +76,11 @@ class Scorer:
         return scores
 
 
+def sample_noise(eval_config, k: int) -> jax.Array:
+    """The initial noise of repeat ``k``: the same for every model scored with one config.evaluate.seed."""
+    return stream_key(eval_config.seed, "eval_noise", k)
+
+
 def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Scorer | None = None) -> dict:
     """Samples and scores ``model`` over ``eval_config.num_seeds`` seeds.
 
@@ -84,10 +91,10 @@ def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Sc
     shape = (data_config.image_size, data_config.image_size, data_config.channels)
     per_seed, samples = [], None
     for k in range(eval_config.num_seeds):
-        images = sample_images(model, params, schedule, eval_config.num_samples, shape, eval_config.seed + k,
+        images = sample_images(model, params, schedule, eval_config.num_samples, shape, sample_noise(eval_config, k),
                                eval_config.batch_size, eval_config.sampler, eval_config.ddim_steps, eval_config.eta)
         per_seed.append(scorer.score(images))
-        logging.info("seed %d: %s", eval_config.seed + k, per_seed[-1])
+        logging.info("noise seed %d: %s", k, per_seed[-1])
         if k == 0:
             samples = images
     summary = {name: {"mean": float(np.mean([s[name] for s in per_seed])),

@@ -27,6 +27,7 @@ from deme_jax.diffusion import ddim_sample, make_schedule
 from deme_jax.diffusion.timesteps import interval_labels, uniform_partition
 from deme_jax.images import image_grid, save_image_grid, to_uint8
 from deme_jax.models import build_model, init_params
+from deme_jax.randomness import stream_key, stream_seed
 from deme_jax.train.checkpoints import Checkpoints, abstract_with_shardings
 from deme_jax.train.sharding import (
     batch_sharding,
@@ -111,10 +112,11 @@ def train_and_evaluate(config, workdir: str | Path):
     mesh = make_mesh(config.mesh.shape)
     boundaries = report_boundaries(config)
     data_sharding = batch_sharding(mesh)
-    stream = make_stream(config.data, config.train.batch_size, config.seed, jax.process_index(), jax.process_count())
-    rng_params, rng_state, _ = jax.random.split(jax.random.key(config.seed), 3)
+    stream = make_stream(config.data, config.train.batch_size, stream_seed(config.seed, "data"), jax.process_index(),
+                         jax.process_count())
     job = Job(
-        init_state=lambda: create_train_state(init_params(model, rng_params), optimizer, rng_state),
+        init_state=lambda: create_train_state(init_params(model, stream_key(config.seed, "params")), optimizer,
+                                              stream_key(config.seed, "train")),
         step=make_train_step(model, schedule, optimizer, config.ema, boundaries),
         batch=lambda step: global_batch(stream.batch(step), data_sharding),
         batch_spec=jax.ShapeDtypeStruct(batch_shape(config), jnp.float32, sharding=data_sharding),
@@ -137,7 +139,7 @@ def run_training(config, workdir: str | Path, job: Job):
     train = config.train
     boundaries = report_boundaries(config)
     repl = replicated(job.mesh)
-    rng_eval = jax.random.split(jax.random.key(config.seed), 3)[2]  # the same noise for every run of a seed
+    rng_eval = stream_key(config.seed, "heldout_noise")  # the same noise at every evaluation
 
     abstract = jax.eval_shape(job.init_state)
     shardings = job.state_shardings(abstract)
@@ -169,7 +171,7 @@ def run_training(config, workdir: str | Path, job: Job):
     heldout_loss = job.heldout_loss if job.num_replicas is None else jax.vmap(job.heldout_loss, (0, None, None))
     heldout_loss = jax.jit(heldout_loss, out_shardings=repl)
     sample_noise = jax.device_put(
-        np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
+        np.asarray(jax.random.normal(stream_key(config.seed, "sample_noise"),
                                      (config.sample.num_images,) + job.batch_spec.shape[-3:])), repl)
     report = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_secs=30)
     preemption = Preemption()
@@ -205,7 +207,8 @@ def run_training(config, workdir: str | Path, job: Job):
     def evaluate(step: int) -> None:
         sums, counts = (host_value(x) for x in heldout_loss(state.ema_params, heldout, rng_eval))
         if job.num_replicas is None:
-            scalars = {"heldout/loss": float(sums.sum() / counts.sum()), **interval_scalars("heldout", sums, counts, boundaries)}
+            scalars = {"heldout/loss": float(sums.sum() / counts.sum()),
+                       **interval_scalars("heldout", sums, counts, boundaries)}
         else:
             scalars = {}
             for i in range(job.num_replicas):
