@@ -24,12 +24,24 @@ COMMANDS = {
                      "ensemble, with a report (about 10 minutes)"),
     "sample": ("sample", "sample an image grid from a UNet"),
 }
-# What a user can get wrong: one line, no traceback (ConfigError is a ValueError).
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
 
 def command_module(table: dict, name: str):
     return importlib.import_module(f"deme_jax.commands.{table[name][0]}")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user can get wrong or fix (a bad config or path, a busy workdir, a full disk, a diverging run): one
+    line and exit code 2, no traceback (ConfigError is a ValueError)."""
+    from deme_jax.train import NonFiniteLossError
+    from deme_jax.train.checkpoints import DamagedCheckpointError, DiskFullError
+
+    return FileNotFoundError, FileExistsError, ValueError, DiskFullError, DamagedCheckpointError, NonFiniteLossError
+
+
+def fail(command: str, err: Exception):
+    print(f"deme {command}: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def quiet_orbax() -> None:
@@ -63,8 +75,10 @@ def run_config_command(command: str, argv: list[str]) -> None:
         initialize_from_environment()
         try:
             command_module(CONFIG_COMMANDS, command).run(flags.FLAGS.config, flags.FLAGS.workdir)
-        except USER_ERRORS as err:
-            sys.exit(f"deme {command}: {err}")
+        except Exception as err:
+            if isinstance(err, user_errors()):
+                fail(command, err)
+            raise
 
     app.run(run, argv=[f"deme {command}"] + argv)
 
@@ -95,8 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         quiet_orbax()
     try:
         command_module(COMMANDS, args.command).run(args)
-    except USER_ERRORS as err:
-        sys.exit(f"deme {args.command}: {err}")
+    except Exception as err:
+        if isinstance(err, user_errors()):
+            fail(args.command, err)
+        raise
 
 
 if __name__ == "__main__":

@@ -21,7 +21,11 @@ def data_config() -> ml_collections.ConfigDict:
         name="mnist",
         tfds_data_dir=placeholder(str),  # where TFDS datasets are prepared; None: $TFDS_DATA_DIR, ~/tensorflow_datasets
         folder="",  # image folder, searched recursively for png/jpg/jpeg/webp (name == "folder")
-        split="train",  # a TFDS split ("train", "train[:90%]"); MNIST has "train" (4,500) and "heldout" (500)
+        heldout_fraction=0.05,  # of a folder's images, chosen by a hash of their paths, held out from training
+        heldout_folder="",  # or a second folder of held-out images (then the whole `folder` trains)
+        skip_unreadable=False,  # a folder image that does not decode stops the run (True: left out, counted)
+        # A TFDS split ("train", "train[:90%]"); MNIST and folders have "train" and "heldout" (MNIST: 4,500 and 500).
+        split="train",
         # Side of the square images. MNIST is padded to it (or shrunk); TFDS and folder images are resized
         # (shorter side, PIL bicubic) and center-cropped.
         image_size=32,

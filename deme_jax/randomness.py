@@ -15,9 +15,10 @@ stream changes no other.
 | ``sample_noise`` | the initial noise of the sample grids logged during training |
 | ``merge_heldout`` | the noise of the merge search's held-out loss |
 | ``dare`` | DARE's random drop masks |
-| ``eval_noise`` (seed k, batch b) | `deme evaluate`: the initial noise of batch b of repeat k (from config.evaluate.seed) |
+| ``eval_noise`` (repeat k) | `deme evaluate`: the initial noise of repeat k (from config.evaluate.seed) |
 | ``report_noise`` (draw k) | the demo: the noise of held-out loss draw k of its report |
-| ``gradient_conflict``, ``landscape`` | `deme analyze` and the demo: their noise and timesteps (from config.analyze.seed) |
+| ``gradient_conflict`` | `deme analyze`, the demo: the images and noise of the interval gradients |
+| ``directions``, ``landscape`` | `deme analyze`: random plane directions, the landscape's noise |
 
 A pretraining run has one ``train`` and one ``data`` stream (no index); DeMe
 replica i has ``train`` i and ``data`` i, the same in the stacked and the

@@ -6,3 +6,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import pytest  # noqa: E402
+
+from tests.runs import CONFIG, deme  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The reference run, through the same command (and so the same XLA flags) as the runs compared with it."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run = deme(["pretrain", f"--config={CONFIG}", f"--workdir={workdir}"])
+    out = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, out[-5000:]
+    return workdir

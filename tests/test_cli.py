@@ -1,5 +1,7 @@
 """The ``deme`` command end to end: format conversions and sampling."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -30,8 +32,9 @@ def test_convert_diffusers_to_orbax_and_back_is_bit_identical(tmp_path):
 def test_convert_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
     random_unet(**TINY).save_pretrained(tmp_path / "diffusers")
     (tmp_path / "orbax").mkdir()
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "orbax")])
+    assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
 
 
 def test_convert_pickle_to_safetensors(tmp_path):
@@ -54,9 +57,11 @@ def test_sample_grid_from_a_pipeline_directory(tmp_path):
     assert grid.std() > 0
 
 
-def test_sample_names_a_missing_model(tmp_path):
-    with pytest.raises(SystemExit, match=r"No diffusers UNet found at .*nowhere"):
+def test_sample_names_a_missing_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--model", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert re.search(r"deme sample: No diffusers UNet found at .*nowhere", capsys.readouterr().err)
 
 
 def test_training_workdir_exports_its_ema_weights_and_samples(tmp_path):

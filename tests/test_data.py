@@ -181,14 +181,52 @@ def test_folder_reads_images_back_exactly(tmp_path):
         Image.fromarray(image).save(tmp_path / name, lossless=True)
         written[name] = image
     (tmp_path / "notes.txt").write_text("not an image")
-    source = make_source(config(name="folder", folder=str(tmp_path), image_size=12, channels=3))
+    source = make_source(config(name="folder", folder=str(tmp_path), image_size=12, channels=3, heldout_fraction=0.0))
     order = sorted(written)
     assert len(source) == 4 and [p.relative_to(tmp_path).as_posix() for p in source.paths] == order
     for i, name in enumerate(order):
         np.testing.assert_array_equal(source[i], written[name])
-    gray = make_source(config(name="folder", folder=str(tmp_path), image_size=12, channels=1))
+    gray = make_source(config(name="folder", folder=str(tmp_path), image_size=12, channels=1, heldout_fraction=0.0))
     expected = np.asarray(Image.fromarray(written["a.png"]).convert("L"))[..., None]
     np.testing.assert_array_equal(gray[0], expected)
+
+
+def write_digits(folder, count: int, size: int = 8) -> None:
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size), np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_folder_holds_out_a_fixed_fraction_that_adding_images_does_not_move(tmp_path):
+    write_digits(tmp_path, 200)
+    data = config(name="folder", folder=str(tmp_path), image_size=8, channels=1, heldout_fraction=0.1)
+    train, heldout = make_source(data), make_source(data, "heldout")
+    names = lambda source: {p.name for p in source.paths}  # noqa: E731
+    assert names(train).isdisjoint(names(heldout)) and len(names(train) | names(heldout)) == 200
+    assert 10 <= len(heldout) <= 30  # about 10%, by a hash of the path
+    assert names(make_source(data, "heldout")) == names(heldout)  # the same on every run
+    write_digits(tmp_path / "more", 50)
+    grown = make_source(data, "heldout")
+    assert names(heldout) <= names(grown)  # the new images were assigned; none of the old ones moved
+    np.testing.assert_array_equal(heldout_images(data, 5), heldout_images(data, 5))
+    # a second folder as the held-out split: the whole first folder trains
+    write_digits(tmp_path / "../other", 7)
+    data.update(dict(heldout_folder=str(tmp_path / "../other")))
+    assert len(make_source(data)) == 250 and len(make_source(data, "heldout")) == 7
+
+
+def test_unreadable_folder_images_are_found_at_start(tmp_path):
+    write_digits(tmp_path, 6)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "000.png").read_bytes()[:40])  # a copy cut short
+    (tmp_path / "text.jpg").write_text("not an image")
+    data = config(name="folder", folder=str(tmp_path), image_size=8, channels=1, heldout_fraction=0.0)
+    with pytest.raises(ValueError, match=r"2 of the 8 images in .* cannot be read: .*cut\.png.*text\.jpg.*"
+                                         r"config.data.skip_unreadable=True"):
+        make_source(data)
+    data.skip_unreadable = True
+    source = make_source(data)
+    assert len(source) == 6 and source[5].shape == (8, 8, 1)
 
 
 # --- Streams -------------------------------------------------------------------
@@ -271,5 +309,5 @@ def test_bad_inputs():
         make_source(config(split="test"))
     with pytest.raises(ValueError, match=r"config.data.folder='/no/such/folder' is not a directory"):
         make_source(config(name="folder", folder="/no/such/folder"))
-    with pytest.raises(ValueError, match="has no held-out split"):
-        heldout_images(config(name="folder", folder="/tmp"))
+    with pytest.raises(ValueError, match=r"config.data.heldout_fraction=1.0 must lie in \[0, 1\)"):
+        make_source(config(name="folder", folder="/tmp", heldout_fraction=1.0))

@@ -238,7 +238,7 @@ def test_deme_commands_from_the_shell(pretrained, tmp_path):
                                        text=True, timeout=600)
     config = f"--config={ROOT / 'configs' / 'mnist_deme.py'}"
     bad = run("finetune", config, f"--workdir={tmp_path / 'bad'}", *overrides, "--config.deme.global_prob=2.0")
-    assert bad.returncode == 1 and "deme finetune: config.deme.global_prob=2.0 must lie in [0, 1]" in bad.stderr
+    assert bad.returncode == 2 and "deme finetune: config.deme.global_prob=2.0 must lie in [0, 1]" in bad.stderr
     done = run("finetune", config, f"--workdir={tmp_path / 'run'}", *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     merged = run("merge", config, f"--workdir={tmp_path / 'run'}", *overrides)

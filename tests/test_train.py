@@ -11,20 +11,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
-from deme_jax.models import init_params
-from deme_jax.models import build_model
 from deme_jax.train import ConfigError, NonFiniteLossError, train_and_evaluate
-from deme_jax.train.state import create_train_state, ema_decay, ema_update, learning_rate_schedule, make_optimizer
+from deme_jax.train.state import ema_decay, ema_update, learning_rate_schedule
 from tests import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "tests" / "tiny_config.py")
-
+from tests.metrics_util import read_scalars
+from tests.runs import CONFIG, ROOT, assert_trees_equal, deme, final_params
 
 def test_ema_decay_by_hand():
     ema = ConfigDict(dict(max_decay=0.9999, inv_gamma=1.0, power=0.75))
@@ -43,44 +38,6 @@ def test_learning_rate_warmup_then_cosine():
     assert float(lr(10)) == pytest.approx(1.0)
     assert float(lr(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
     assert float(lr(110)) == pytest.approx(0.1, rel=1e-5)
-
-
-def deme(args, env=None, log=None):
-    """Runs the real `deme` command in a fresh process (output to ``log``, else a pipe)."""
-    out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", "deme_jax.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
-
-
-def final_params(workdir):
-    """The newest checkpoint's parameters, read with orbax as numpy arrays."""
-    manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=("state",))
-    step = manager.latest_step()
-    config, key = tiny_config.get_config(), jax.random.key(0)
-    model, optimizer = build_model(config.model), make_optimizer(config.optim)
-    abstract = jax.eval_shape(lambda: create_train_state(init_params(model, key), optimizer, key))
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology wrote it
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), abstract)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    manager.close()
-    return step, jax.tree_util.tree_map(np.asarray, {"params": state.params, "ema": state.ema_params})
-
-
-def assert_trees_equal(a, b):
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(x, y)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference run, through the same command (and so the same XLA flags) as the runs compared with it."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    run = deme(["pretrain", f"--config={CONFIG}", f"--workdir={workdir}"])
-    out = run.communicate(timeout=600)[0]
-    assert run.returncode == 0, out[-5000:]
-    return workdir
 
 
 def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
@@ -160,27 +117,13 @@ def test_eight_devices_give_the_losses_of_one(tmp_path):
                               env={**os.environ, "XLA_FLAGS": flags}, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        results[name]["loss"] = read_scalars(tmp_path / name, "train/loss")
+        results[name]["loss"] = list(read_scalars(tmp_path / name)["train/loss"].values())
         results[name]["grid"] = np.asarray(Image.open(tmp_path / name / "samples" / "step_0000004.png"), float)
     assert results["one"]["devices"] == 1 and results["eight"]["devices"] == 8
     for other in ("eight", "eight_fsdp"):
         np.testing.assert_allclose(results[other]["loss"], results["one"]["loss"], rtol=1e-5)
         assert results[other]["w"] == pytest.approx(results["one"]["w"], rel=1e-5)
         assert np.abs(results[other]["grid"] - results["one"]["grid"]).max() <= 1  # uint8 rounding
-
-
-def read_scalars(workdir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
-    acc.Reload()
-    return [float(jax.numpy.asarray(tf_tensor_value(e))) for e in acc.Tensors(tag)]
-
-
-def tf_tensor_value(event):
-    import tensorflow as tf
-
-    return tf.make_ndarray(event.tensor_proto)
 
 
 @pytest.mark.slow
@@ -201,7 +144,8 @@ def test_two_processes_match_one(uninterrupted, tmp_path):
     run = tmp_path / "run"
     step, params = final_params(run)
     assert step == 40
-    np.testing.assert_allclose(read_scalars(run, "train/loss"), read_scalars(uninterrupted, "train/loss"),
+    np.testing.assert_allclose(list(read_scalars(run)["train/loss"].values()),
+                               list(read_scalars(uninterrupted)["train/loss"].values()),
                                rtol=1e-5)
     # The all-reduce sums gradients in another order, so the runs differ by float rounding. Adam turns the
     # rounding noise of gradients that are exactly zero in theory (attention key biases, which softmax
@@ -219,7 +163,7 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     leaves = jax.tree_util.tree_leaves((state.params, state.ema_params))
     assert all(x.dtype == jnp.float32 for x in leaves)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
-    assert np.isfinite(read_scalars(tmp_path, "train/loss")).all()
+    assert np.isfinite(list(read_scalars(tmp_path)["train/loss"].values())).all()
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -273,3 +217,19 @@ def test_shipped_configs_are_valid(name, tmp_path):
     from deme_jax.train import validate_config
 
     validate_config(importlib.import_module(f"configs.{name}").get_config(), tmp_path)
+
+
+def test_pretraining_on_an_image_folder_with_its_held_out_split(tmp_path):
+    from tests.test_data import write_digits
+
+    write_digits(tmp_path / "images", 60, size=32)
+    config = tiny_config.get_config()
+    config.data.update(dict(name="folder", folder=str(tmp_path / "images"), heldout_fraction=0.2, random_flip=False))
+    config.train.update(dict(num_steps=2, checkpoint_every=2, eval_every=2, sample_every=0))
+    config.eval.num_images = 500  # more than the folder holds out: refused before anything runs
+    with pytest.raises(ValueError, match=r"asked for 500 held-out images of 'folder', which has \d+.*heldout_fraction"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    config.eval.num_images = 4
+    assert int(train_and_evaluate(config, tmp_path / "run").step) == 2
+    assert np.isfinite(read_scalars(tmp_path / "run")["heldout/loss"][2])

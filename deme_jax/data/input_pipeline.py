@@ -16,7 +16,10 @@ def make_source(data: ml_collections.ConfigDict, split: str | None = None):
     if data.name == "mnist":
         return mnist_source(split, data.image_size, data.channels)
     if data.name == "folder":
-        return FolderSource(data.folder, data.image_size, data.channels)
+        if split == "heldout" and data.heldout_folder:
+            return FolderSource(data.heldout_folder, data.image_size, data.channels, "all", 0.0, data.skip_unreadable)
+        fraction = 0.0 if data.heldout_folder else data.heldout_fraction
+        return FolderSource(data.folder, data.image_size, data.channels, split, fraction, data.skip_unreadable)
     return TfdsSource(data.name, split, data.tfds_data_dir, data.image_size, data.channels)
 
 
@@ -44,13 +47,12 @@ def heldout_images(data: ml_collections.ConfigDict, n: int | None = None) -> np.
     """The first `n` (default all) held-out images, float32 NHWC in [-1, 1], for evaluation.
 
     MNIST: the fixed 500-digit held-out split, class-balanced in any prefix.
-    TFDS: the `test` split, else `validation`, in stored order. Image folders
-    have no held-out split.
+    TFDS: the `test` split, else `validation`, in stored order. Image folders:
+    `data.heldout_folder`, else the `data.heldout_fraction` of the folder that
+    training never sees.
     """
-    if data.name == "mnist":
+    if data.name in ("mnist", "folder"):
         source = make_source(data, "heldout")
-    elif data.name == "folder":
-        raise ValueError("config.data.name='folder' has no held-out split")
     else:
         splits = tfds_builder(data.name, data.tfds_data_dir).info.splits
         split = next((s for s in ("test", "validation") if s in splits), None)
@@ -59,7 +61,9 @@ def heldout_images(data: ml_collections.ConfigDict, n: int | None = None) -> np.
         source = make_source(data, split)
     n = len(source) if n is None else n
     if not 0 < n <= len(source):
-        raise ValueError(f"asked for {n} held-out images of {data.name!r}, which has {len(source)}")
+        more = " (or raise config.data.heldout_fraction, or give config.data.heldout_folder)" * (data.name == "folder")
+        raise ValueError(f"asked for {n} held-out images of {data.name!r}, which has {len(source)}: ask for fewer "
+                         f"(config.eval.num_images, config.evaluate.num_reference){more}.")
     return to_model_range(np.stack([source[i] for i in range(n)]))
 
 
@@ -73,7 +77,7 @@ def reference_images(reference: str, data_config, num: int = 0) -> np.ndarray:
         order = np.random.default_rng(0).permutation(len(source))[:count]  # sources may be sorted by class
         return np.stack([source[int(i)] for i in order])
     folder = ml_collections.ConfigDict(dict(data_config))
-    folder.update(dict(name="folder", folder=reference))
+    folder.update(dict(name="folder", folder=reference, heldout_fraction=0.0, heldout_folder=""))
     source = make_source(folder)
     return np.stack([source[i] for i in range(num or len(source))])
 

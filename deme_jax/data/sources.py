@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 MNIST_HELDOUT_PER_CLASS = 50
@@ -183,21 +188,74 @@ class TfdsSource:
 # --- Image folders -------------------------------------------------------------
 
 
-class FolderSource:
-    """The png/jpg/jpeg/webp images under a folder, recursively, in sorted path order."""
+FOLDER_PARTS = ("all", "train", "heldout")
 
-    def __init__(self, root: str, image_size: int, channels: int):
+
+def is_heldout(relative_path: str, fraction: float) -> bool:
+    """Whether a folder image is held out: a hash of its path, so adding images never moves another one."""
+    return zlib.crc32(relative_path.encode()) / 2**32 < fraction
+
+
+def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
+    """The images that do not decode, with why: all decoded once, in parallel, with progress for large folders."""
+
+    def check(path: Path) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as err:  # PIL reports truncated or foreign files in several error types
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    bad, start = [], time.perf_counter()
+    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 4)) as pool:
+        for k, (path, error) in enumerate(zip(paths, pool.map(check, paths)), 1):
+            if error:
+                bad.append((path, error))
+            if len(paths) >= 10_000 and k % (len(paths) // 10) == 0:
+                logging.info("checked %d/%d images (%.0f s)", k, len(paths), time.perf_counter() - start)
+    return bad
+
+
+class FolderSource:
+    """The png/jpg/jpeg/webp images under a folder, recursively, in sorted path order.
+
+    ``heldout_fraction`` of them (chosen by a hash of each path) form the
+    ``heldout`` part and the rest the ``train`` part. Every image is decoded
+    once at start, so a file that cannot be read stops the run before it
+    trains, naming the file, or (``skip_unreadable``) is left out and counted.
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int, part: str = "all", heldout_fraction: float = 0.0,
+                 skip_unreadable: bool = False):
         check_image_size(image_size)
         check_channels(channels)
         root_path = Path(root)
         if not root or not root_path.is_dir():
             raise ValueError(f"config.data.folder={root!r} is not a directory")
-        self.paths = sorted(
-            (p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-            key=lambda p: p.relative_to(root_path).as_posix(),
-        )
-        if not self.paths:
-            raise ValueError(f"config.data.folder={root!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise ValueError(f"config.data.heldout_fraction={heldout_fraction} must lie in [0, 1)")
+        if part not in FOLDER_PARTS:
+            raise ValueError(f"config.data.split={part!r}: an image folder has the splits 'train' and 'heldout'")
+        paths = sorted((p.relative_to(root_path).as_posix() for p in root_path.rglob("*")
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        if part != "all":
+            paths = [p for p in paths if is_heldout(p, heldout_fraction) == (part == "heldout")]
+        if not paths:
+            raise ValueError(f"config.data.folder={root!r} holds no {'/'.join(IMAGE_SUFFIXES)} images"
+                             + ("" if part == "all" else f" in its {part} part (heldout_fraction={heldout_fraction})"))
+        self.paths = [root_path / p for p in paths]
+        bad = unreadable_images(self.paths)
+        if bad and not skip_unreadable:
+            listed = "; ".join(f"{path} ({error})" for path, error in bad[:10])
+            raise ValueError(f"{len(bad)} of the {len(self.paths)} images in {root} cannot be read: {listed}"
+                             f"{' ...' if len(bad) > 10 else ''}. Remove or repair them, or set "
+                             "config.data.skip_unreadable=True to train without them.")
+        if bad:
+            logging.warning("Skipping %d unreadable images of %d in %s (config.data.skip_unreadable).", len(bad),
+                            len(self.paths), root)
+            unreadable = {path for path, _ in bad}
+            self.paths = [p for p in self.paths if p not in unreadable]
         self.image_size, self.channels = image_size, channels
         self.shape = (image_size, image_size, channels)
 

@@ -14,6 +14,7 @@ compute the same replicas from the same config.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import jax
@@ -46,6 +47,7 @@ from deme_jax.train.sharding import make_mesh, replicated
 from deme_jax.train.state import create_train_state, make_optimizer
 from deme_jax.train.step import LOSS_PARAMS, make_heldout_loss, model_params
 from deme_jax.train.validate import ConfigError, require, validate_config
+from deme_jax.train.workdir import open_run
 
 MODES = ("stacked", "sequential")
 WEIGHTINGS = ("none", "min_snr", "p2", "uncertainty")
@@ -196,14 +198,14 @@ def finetune(config, workdir: str | Path):
     if stacked:
         return run_training(config, workdir, replica_job(config, mesh, parts, stacked=True))
 
-    if jax.process_index() == 0:  # the run's config, for `deme merge`; each replica_<i> holds its own run
-        (Path(workdir) / "config.json").write_text(config.to_json(indent=2) + "\n")
     states = []
-    for i in range(N):
-        one = {**parts, "rngs": parts["rngs"][i], "streams": parts["streams"][i:i + 1],
-               "tasks": task_slice(parts["tasks"], i), "sampler": student}
-        logging.info("Replica %d of %d, interval [%d, %d).", i + 1, N, partition[i], partition[i + 1])
-        states.append(run_training(config, Path(workdir) / f"replica_{i}", replica_job(config, mesh, one, False)))
+    with open_run(workdir, json.loads(config.to_json())):  # the run's config, for `deme merge`
+        for i in range(N):  # each replica_<i> holds its own run
+            one = {**parts, "rngs": parts["rngs"][i], "streams": parts["streams"][i:i + 1],
+                   "tasks": task_slice(parts["tasks"], i), "sampler": student}
+            logging.info("Replica %d of %d, interval [%d, %d).", i + 1, N, partition[i], partition[i + 1])
+            job = replica_job(config, mesh, one, stacked=False)
+            states.append(run_training(config, Path(workdir) / f"replica_{i}", job))
     return states
 
 

@@ -3,5 +3,5 @@
 from deme_jax.models.registry import MODEL_CLASSES, build_model, model_fields
 from deme_jax.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D, init_params, param_shapes
 
-__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "UNet2D", "build_model", "init_params", "model_fields",
-           "param_shapes"]
+__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "UNet2D", "build_model", "init_params",
+           "model_fields", "param_shapes"]

@@ -28,7 +28,7 @@ from deme_jax.diffusion.timesteps import interval_labels, uniform_partition
 from deme_jax.images import image_grid, save_image_grid, to_uint8
 from deme_jax.models import build_model, init_params
 from deme_jax.randomness import stream_key, stream_seed
-from deme_jax.train.checkpoints import Checkpoints, abstract_with_shardings
+from deme_jax.train.checkpoints import Checkpoints, abstract_with_shardings, is_disk_full
 from deme_jax.train.sharding import (
     batch_sharding,
     global_batch,
@@ -39,6 +39,7 @@ from deme_jax.train.sharding import (
 from deme_jax.train.state import TrainState, create_train_state, make_optimizer
 from deme_jax.train.step import make_heldout_loss, make_train_step
 from deme_jax.train.validate import validate_config
+from deme_jax.train.workdir import open_run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,8 +135,32 @@ def batch_shape(config) -> tuple[int, int, int, int]:
 
 
 def run_training(config, workdir: str | Path, job: Job):
-    """Runs ``job`` for ``config.train.num_steps`` steps in ``workdir``, resuming from its latest checkpoint."""
+    """Runs ``job`` for ``config.train.num_steps`` steps in ``workdir``, resuming from its latest checkpoint.
+
+    What can refuse the run (held-out data, a live run in the workdir, a config
+    the checkpoint cannot hold) is checked before anything compiles or is written.
+    """
     workdir = Path(workdir)
+    config_json = json.loads(config.to_json())
+    heldout = heldout_images(config.data, config.eval.num_images) if config.train.eval_every else None
+    with open_run(workdir, config_json):
+        checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
+        try:
+            state = train_loop(config, config_json, workdir, job, checkpoints, heldout)
+        except Exception as err:
+            try:  # orbax's background writers stop here, so no traceback of theirs follows the error
+                checkpoints.close()
+            except Exception as close_err:
+                logging.warning("Closing the checkpoints after the error: %s", close_err)
+            if is_disk_full(err):
+                raise checkpoints.disk_full_error() from err
+            raise
+        checkpoints.close()
+        return state
+
+
+def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: Checkpoints, heldout):
+    """Restores or initialises the state, compiles the step and trains, logs, evaluates, samples and saves."""
     train = config.train
     boundaries = report_boundaries(config)
     repl = replicated(job.mesh)
@@ -143,21 +168,18 @@ def run_training(config, workdir: str | Path, job: Job):
 
     abstract = jax.eval_shape(job.init_state)
     shardings = job.state_shardings(abstract)
-    checkpoints = Checkpoints(workdir, keep=train.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is None:
+    restored = checkpoints.restore_latest(abstract_with_shardings(abstract, shardings))
+    if restored is None:
         state = jax.jit(job.init_state, out_shardings=shardings)()
         start = 0
     else:
-        state, data_state = checkpoints.restore(latest, abstract_with_shardings(abstract, shardings))
+        state, data_state, latest = restored
         start = int(data_state["step"])
         logging.info("Resumed from the checkpoint at step %d in %s.", latest, workdir / "checkpoints")
-    config_json = json.loads(config.to_json())
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
     args_spec = tuple(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), a)
                       for a in job.step_args)
+    logging.info("Compiling the train step (global batch %s).", job.batch_spec.shape)
     compile_start = time.perf_counter()
     train_step = jax.jit(job.step, out_shardings=(shardings, repl), donate_argnums=0).lower(
         abstract_with_shardings(abstract, shardings), job.batch_spec, *args_spec).compile()
@@ -167,7 +189,7 @@ def run_training(config, workdir: str | Path, job: Job):
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_json).items() if isinstance(v, (int, float, str))})
-    heldout = jax.device_put(heldout_images(config.data, config.eval.num_images), repl)
+    heldout = None if heldout is None else jax.device_put(heldout, repl)
     heldout_loss = job.heldout_loss if job.num_replicas is None else jax.vmap(job.heldout_loss, (0, None, None))
     heldout_loss = jax.jit(heldout_loss, out_shardings=repl)
     sample_noise = jax.device_put(
@@ -200,11 +222,13 @@ def run_training(config, workdir: str | Path, job: Job):
             scalars.update(interval_scalars("train", sums, counts, boundaries))
         else:
             for i in range(job.num_replicas):
-                scalars.update({f"train/replica{i}/loss": float(loss[i]), f"train/replica{i}/grad_norm":
-                                float(grad_norm[i]), **interval_scalars(f"train/replica{i}", sums[i], counts[i], boundaries)})
+                scalars.update({f"train/replica{i}/loss": float(loss[i]),
+                                f"train/replica{i}/grad_norm": float(grad_norm[i]),
+                                **interval_scalars(f"train/replica{i}", sums[i], counts[i], boundaries)})
         writer.write_scalars(step, scalars)
 
     def evaluate(step: int) -> None:
+        logging.info("Held-out loss of the EMA weights at step %d.", step)
         sums, counts = (host_value(x) for x in heldout_loss(state.ema_params, heldout, rng_eval))
         if job.num_replicas is None:
             scalars = {"heldout/loss": float(sums.sum() / counts.sum()),
@@ -250,7 +274,6 @@ def run_training(config, workdir: str | Path, job: Job):
                 break
     finally:
         checkpoints.wait()
-        checkpoints.close()
         writer.flush()
         preemption.restore()
     return state

@@ -1,0 +1,265 @@
+"""The workdir lock (refusal, takeover of a gone holder, shared jobs, heartbeat, races) and the config drift check."""
+
+import copy
+import datetime
+import json
+import logging
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from ml_collections import ConfigDict
+
+from deme_jax.train.validate import ConfigError
+from deme_jax.train.workdir import (ABSENT, Change, ConfigDriftError, WorkdirBusyError, WorkdirLock,
+                                    check_config_drift, record_config)
+
+HOST = socket.gethostname()
+STARTED = "2024-01-02T03:04:05+00:00"
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(workdir, host=HOST, pid=None, heartbeat_age_s=0.0, job_id=None) -> dict:
+    """A lock file as another process would have written it."""
+    heartbeat = time.time() - heartbeat_age_s
+    record = dict(host=host, pid=os.getpid() if pid is None else pid, start_time=STARTED, start_unix=heartbeat - 60,
+                  heartbeat_unix=heartbeat, job_id=job_id, token="another process")
+    (workdir / "lock.json").write_text(json.dumps(record))
+    return record
+
+
+def lock_file(workdir) -> dict:
+    return json.loads((workdir / "lock.json").read_text())
+
+
+def test_second_lock_on_a_held_workdir_refuses_naming_the_holder(tmp_path):
+    with WorkdirLock(tmp_path) as holder:
+        started = holder.record["start_time"]
+        with pytest.raises(WorkdirBusyError) as refusal:
+            WorkdirLock(tmp_path).acquire()
+        assert lock_file(tmp_path)["token"] == holder.record["token"]  # the refused lock left the holder's alone
+    message = str(refusal.value)
+    assert isinstance(refusal.value, ConfigError)
+    for part in (f"--workdir={tmp_path}", f"host {HOST}", f"pid {os.getpid()}", f"started {started}",
+                 str(tmp_path / "lock.json"), "another --workdir"):
+        assert part in message
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(started)
+    assert started.endswith("+00:00") and datetime.timedelta(0) <= age < datetime.timedelta(minutes=1)
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over_with_a_warning(tmp_path, dead_pid, caplog):
+    write_lock(tmp_path, pid=dead_pid)
+    with caplog.at_level(logging.WARNING), WorkdirLock(tmp_path) as lock:
+        assert lock_file(tmp_path)["pid"] == os.getpid() and lock_file(tmp_path)["token"] == lock.record["token"]
+    assert f"pid {dead_pid}" in caplog.text and f"host {HOST}" in caplog.text and STARTED in caplog.text
+
+
+def test_lock_from_another_host_is_judged_by_its_heartbeat(tmp_path, dead_pid, caplog):
+    # The pid means nothing on another host: a fresh heartbeat holds even with a pid that is dead here.
+    write_lock(tmp_path, host="other-host", pid=dead_pid, heartbeat_age_s=10)
+    with pytest.raises(WorkdirBusyError, match=re.escape(f"host other-host, pid {dead_pid}, started {STARTED}")):
+        WorkdirLock(tmp_path, stale_after_s=300).acquire()
+    # ... and a stale one is taken over even with a pid that is alive here.
+    write_lock(tmp_path, host="other-host", pid=os.getpid(), heartbeat_age_s=301)
+    with caplog.at_level(logging.WARNING), WorkdirLock(tmp_path, stale_after_s=300):
+        assert lock_file(tmp_path)["host"] == HOST
+    assert "host other-host" in caplog.text and "301 s ago" in caplog.text
+
+
+def test_processes_of_one_job_share_the_lock(tmp_path):
+    holder = WorkdirLock(tmp_path, job_id="coordinator:1234").acquire()
+    peer = WorkdirLock(tmp_path, job_id="coordinator:1234").acquire()
+    assert peer.shared and not holder.shared
+    with pytest.raises(WorkdirBusyError):
+        WorkdirLock(tmp_path, job_id="coordinator:5678").acquire()
+    peer.release()
+    assert lock_file(tmp_path)["token"] == holder.record["token"]
+    holder.release()
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_release_removes_only_this_process_lock(tmp_path):
+    lock = WorkdirLock(tmp_path).acquire()
+    theirs = write_lock(tmp_path, host="other-host")  # as if another run had taken the lock over
+    lock.release()
+    assert lock_file(tmp_path) == theirs
+    (tmp_path / "lock.json").unlink()
+    WorkdirLock(tmp_path).acquire().release()
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_heartbeat_advances_while_held(tmp_path):
+    with WorkdirLock(tmp_path, heartbeat_every_s=0.05):
+        first = lock_file(tmp_path)
+        deadline = time.time() + 5
+        while lock_file(tmp_path)["heartbeat_unix"] == first["heartbeat_unix"] and time.time() < deadline:
+            time.sleep(0.02)
+        now = lock_file(tmp_path)
+    assert now["heartbeat_unix"] > first["heartbeat_unix"] and now["start_unix"] == first["start_unix"]
+    assert now["token"] == first["token"]
+
+
+def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
+    with WorkdirLock(tmp_path, heartbeat_every_s=0.1):
+        theirs = write_lock(tmp_path, host="other-host")  # long before the first beat
+        time.sleep(0.5)
+        assert lock_file(tmp_path) == theirs
+
+
+def try_lock(workdir, start, done, results):
+    start.wait(10)
+    try:
+        lock = WorkdirLock(workdir).acquire()
+    except WorkdirBusyError:
+        results.put("refused")
+        return
+    results.put("won")
+    done.wait(10)  # hold the lock until every racer has tried
+    lock.release()
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's warning; the children use no JAX
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "held-by-a-dead-process"])
+def test_racing_processes_exactly_one_wins(tmp_path, dead_pid, stale):
+    context = multiprocessing.get_context("fork")  # the children need not import the package again
+    for round_ in range(5):
+        workdir = tmp_path / str(round_)
+        workdir.mkdir()
+        if stale:
+            write_lock(workdir, pid=dead_pid)
+        start, done, results = context.Barrier(4), context.Event(), context.Queue()
+        racers = [context.Process(target=try_lock, args=(workdir, start, done, results)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        outcomes = sorted(results.get(timeout=20) for _ in racers)
+        done.set()
+        for racer in racers:
+            racer.join(10)
+            assert racer.exitcode == 0
+        assert outcomes == ["refused", "refused", "refused", "won"]
+        assert not (workdir / "lock.json").exists()
+
+
+@pytest.mark.parametrize("method, call, before", [
+    ("_read", 1, False),  # after the taker judged the lock stale, before it claims it
+    ("_read", 2, False),  # after the taker, holding the claim, found the stale lock still in place
+    ("_create", 2, True),  # after the taker removed the stale lock, before it writes its own
+], ids=["before-the-claim", "inside-the-claim", "between-remove-and-create"])
+def test_two_takers_of_one_stale_lock_cannot_both_win(tmp_path, dead_pid, monkeypatch, method, call, before):
+    """``other`` tries to take the lock at one point of ``taker``'s takeover, its ``call``-th call of ``method``."""
+    write_lock(tmp_path, pid=dead_pid)
+    taker, other = WorkdirLock(tmp_path), WorkdirLock(tmp_path)
+    original, calls, outcomes = getattr(taker, method), [], {}
+
+    def let_other_try():
+        calls.append(method)
+        if before and len(calls) == call:
+            outcomes["other"] = attempt(other)
+        result = original()
+        if not before and len(calls) == call:
+            outcomes["other"] = attempt(other)
+        return result
+
+    monkeypatch.setattr(taker, method, let_other_try)
+    outcomes["taker"] = attempt(taker)
+    assert sorted(outcomes.values()) == ["refused", "won"]
+    winner = taker if outcomes["taker"] == "won" else other
+    assert lock_file(tmp_path)["token"] == winner.record["token"]
+    winner.release()
+
+
+def attempt(lock: WorkdirLock) -> str:
+    try:
+        lock.acquire()
+    except WorkdirBusyError:
+        return "refused"
+    return "won"
+
+
+def small_config() -> ConfigDict:
+    """A config shaped like a training one: sections, a field named "model" outside config.model, tuples."""
+    return ConfigDict(dict(
+        seed=0,
+        model=dict(block_out_channels=(16, 24, 32), layers_per_block=1),
+        data=dict(name="mnist", image_size=16, channels=1, random_flip=True),
+        train=dict(batch_size=8, num_steps=40, log_every=5),
+        optim=dict(lr=1e-3),
+        eval=dict(num_images=16),
+        evaluate=dict(model="", metrics=("fid", "fd_mnist")),
+        mesh=dict(fsdp=False),
+    ))
+
+
+@pytest.fixture
+def stored() -> dict:
+    """As the workdir's config.json holds it: tuples became lists."""
+    return json.loads(small_config().to_json())
+
+
+def test_a_model_change_is_refused_naming_field_and_both_values(stored):
+    new = copy.deepcopy(stored)
+    new["model"]["block_out_channels"] = [16, 24, 40]
+    new["seed"] = 1
+    new["optim"]["lr"] = 5e-4
+    with pytest.raises(ConfigDriftError) as refusal:
+        check_config_drift(stored, new)
+    message = str(refusal.value)
+    assert isinstance(refusal.value, ConfigError)
+    assert "model.block_out_channels: (16, 24, 32) in the workdir -> (16, 24, 40) now" in message
+    assert "seed: 0 in the workdir -> 1 now" in message
+    assert "optim.lr" not in message and "new --workdir" in message
+
+
+def test_a_learning_rate_or_length_change_is_returned_and_recorded(tmp_path, stored):
+    new = copy.deepcopy(stored)
+    new["optim"]["lr"] = 5e-4
+    new["train"]["num_steps"] = 80
+    new["evaluate"]["model"] = "elsewhere"  # not under "model"
+    changes = check_config_drift(stored, new)
+    assert changes == [Change("evaluate.model", "", "elsewhere"), Change("optim.lr", 1e-3, 5e-4),
+                       Change("train.num_steps", 40, 80)]
+    record_config(tmp_path, new, changes)
+    record_config(tmp_path, new, [])
+    lines = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [line["changes"] for line in lines] == [[
+        {"field": "evaluate.model", "old": "", "new": "elsewhere"},
+        {"field": "optim.lr", "old": 1e-3, "new": 5e-4},
+        {"field": "train.num_steps", "old": 40, "new": 80}], []]
+    assert lines[0]["host"] == HOST and datetime.datetime.fromisoformat(lines[0]["time"]).tzinfo is not None
+    assert json.loads((tmp_path / "config.json").read_text()) == new
+
+
+def test_lists_and_tuples_with_equal_items_are_equal(stored):
+    as_tuples = small_config().to_dict()
+    assert isinstance(as_tuples["model"]["block_out_channels"], tuple)
+    assert check_config_drift(stored, as_tuples) == []
+    as_tuples["evaluate"]["metrics"] = ("fid",)
+    assert check_config_drift(stored, as_tuples) == [Change("evaluate.metrics", ["fid", "fd_mnist"], ("fid",))]
+
+
+def test_added_and_removed_fields_are_changes(stored):
+    new = copy.deepcopy(stored)
+    new["optim"]["warmup_steps"] = 100
+    del new["eval"]["num_images"]
+    assert check_config_drift(stored, new) == [Change("eval.num_images", 16, ABSENT),
+                                               Change("optim.warmup_steps", ABSENT, 100)]
+    assert str(Change("optim.warmup_steps", ABSENT, 100)) == "optim.warmup_steps: absent in the workdir -> 100 now"
+    del new["data"]["channels"]
+    new["deme"] = {"num_replicas": 4, "global_prob": 0.3}
+    with pytest.raises(ConfigDriftError) as refusal:
+        check_config_drift(stored, new)
+    message = str(refusal.value)
+    assert "data.channels: 1 in the workdir -> absent now" in message
+    assert "deme.num_replicas: absent in the workdir -> 4 now" in message and "global_prob" not in message
