@@ -44,6 +44,31 @@ def fail(command: str, err: Exception):
     sys.exit(2)
 
 
+def quiet_background_errors() -> None:
+    """After a failed save, orbax's writer threads report the error (which reaches the main thread and is said in
+    one line there) and TensorStore's late callbacks find orbax's event loop closed; neither needs a traceback."""
+    import logging
+    import threading
+
+    from absl import logging as absl_logging
+
+    from deme_jax.train.checkpoints import is_disk_full
+
+    def loop_closed(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    def strip_disk_full_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and is_disk_full(record.exc_info[1]):
+            record.exc_info = record.exc_text = None
+        return True
+
+    thread_hook, main_hook, unraisable_hook = threading.excepthook, sys.excepthook, sys.unraisablehook
+    threading.excepthook = lambda args: None if is_disk_full(args.exc_value) else thread_hook(args)
+    sys.excepthook = lambda kind, exc, tb: None if loop_closed(exc) else main_hook(kind, exc, tb)
+    sys.unraisablehook = lambda args: None if loop_closed(args.exc_value) else unraisable_hook(args)
+    absl_logging.get_absl_handler().addFilter(strip_disk_full_traceback)
+
+
 def quiet_orbax() -> None:
     """orbax narrates every save at INFO; keep the console for progress and metrics."""
     import logging
@@ -72,6 +97,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
         from deme_jax.train import initialize_from_environment
 
         quiet_orbax()
+        quiet_background_errors()
         initialize_from_environment()
         try:
             command_module(CONFIG_COMMANDS, command).run(flags.FLAGS.config, flags.FLAGS.workdir)

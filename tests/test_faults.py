@@ -45,6 +45,7 @@ def assert_one_clear_line(proc: subprocess.CompletedProcess, *expected: str) -> 
     for text in expected:
         assert text in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("deme "), proc.stderr[-3000:]  # the message ends it
 
 
 def small_config(**train):
@@ -140,10 +141,10 @@ def test_when_no_checkpoint_reads_the_error_names_the_workdir(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs: room for the tiny run's first checkpoints, not for all of them."""
+    """A 12 MiB tmpfs: room for the tiny run's first checkpoints (3.4 MiB each), not for all of them."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
