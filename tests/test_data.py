@@ -13,6 +13,7 @@ from deme_jax.data import (
     make_stream,
     mnist_digits,
     mnist_split,
+    reference_images,
 )
 from deme_jax.defaults import data_config
 
@@ -210,6 +211,8 @@ def test_folder_holds_out_a_fixed_fraction_that_adding_images_does_not_move(tmp_
     grown = make_source(data, "heldout")
     assert names(heldout) <= names(grown)  # the new images were assigned; none of the old ones moved
     np.testing.assert_array_equal(heldout_images(data, 5), heldout_images(data, 5))
+    # evaluation scores against the same held-out images (as uint8)
+    np.testing.assert_array_equal(reference_images("heldout", data, 5), as_uint8(heldout_images(data, 5)))
     # a second folder as the held-out split: the whole first folder trains
     write_digits(tmp_path / "../other", 7)
     data.update(dict(heldout_folder=str(tmp_path / "../other")))
