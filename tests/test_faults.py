@@ -116,7 +116,8 @@ def damage(directory: Path, how: str) -> Path:
     return target
 
 
-@pytest.mark.parametrize("how", ["flipped", pytest.param("truncated", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two runs through the shell; test_when_no_checkpoint_reads... checks the checksums by default
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(uninterrupted, tmp_path, how):
     first = run(*pretrain(tmp_path, "--config.train.num_steps=8"))
     assert first.returncode == 0, first.stderr[-3000:]
