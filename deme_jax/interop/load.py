@@ -43,17 +43,17 @@ def replica_dirs(workdir: Path, config) -> list[Path] | None:
     return None
 
 
-def load_checkpoint(workdir: str | Path, step: int | None = None):
-    """``(model, ema_params, step)`` from a training workdir's latest (or given) checkpoint.
+def load_checkpoint(workdir: Path, config):
+    """``(model, ema_params, step)`` from the latest checkpoint of a training workdir run with ``config``.
 
     The state is read as saved, onto this process's first device, whatever
     mesh wrote it; the loss's own parameters (ANT-UW) are left out.
     """
-    workdir = Path(workdir)
-    config = run_config(workdir)
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{workdir} holds no checkpoints yet.")
     checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False)
     try:
-        step = checkpoints.latest_step() if step is None else step
+        step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
         state = checkpoints.restore_as_saved(step)
@@ -72,14 +72,12 @@ def load_run(workdir: str | Path):
                                 "`deme finetune` there first.")
     dirs = replica_dirs(workdir, config)
     if dirs is None:
-        if not is_training_workdir(workdir):
-            raise FileNotFoundError(f"{workdir} holds no checkpoints yet.")
-        model, params, step = load_checkpoint(workdir)
+        model, params, step = load_checkpoint(workdir, config)
         return model, params, config, [step] * config.get("deme", {}).get("num_replicas", 1)
     for i, replica_dir in enumerate(dirs):
         if not is_training_workdir(replica_dir):
             raise FileNotFoundError(f"{replica_dir} holds no checkpoint: replica {i} has not been trained yet.")
-    loaded = [load_checkpoint(d) for d in dirs]
+    loaded = [load_checkpoint(d, config) for d in dirs]
     params = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(p for _, p, _ in loaded))
     return loaded[0][0], params, config, [s for _, _, s in loaded]
 
