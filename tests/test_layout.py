@@ -14,9 +14,10 @@ PACKAGE = ROOT / "deme_jax"
 LAYERS = {
     "cli": {"commands", "train", "xla_cpu"},  # train: multi-host start-up before any command
     "commands": {"deme", "train", "merge", "metrics", "analysis", "interop", "data", "diffusion", "models",
-                 "randomness", "defaults", "assets", "images"},
+                 "text2image", "randomness", "defaults", "assets", "images"},
     "deme": {"train", "merge", "metrics", "interop", "data", "diffusion", "models", "randomness"},
-    "interop": {"train", "models", "diffusion"},
+    "interop": {"train", "models", "diffusion", "text2image"},
+    "text2image": {"models", "diffusion", "images"},
     "train": {"data", "diffusion", "models", "randomness", "images"},
     "metrics": {"data", "diffusion", "randomness", "assets", "images"},
     "analysis": {"diffusion", "models"},

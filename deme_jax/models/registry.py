@@ -2,7 +2,9 @@
 
 ``config.model`` holds ``class_name`` and the module's own fields, with the
 compute dtype by name, so a run's config.json rebuilds its model exactly.
-A new model family registers its class here.
+A new model family registers its class here; each defines ``example_inputs()``
+(the smallest inputs its ``init`` takes), which ``init_params`` and
+``param_shapes`` use.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -45,3 +48,13 @@ def model_fields(model: nn.Module) -> dict:
         value = getattr(model, name)
         fields[name] = jnp.dtype(value).name if name == "dtype" else value
     return fields
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> dict:
+    """Fresh parameters of any registered model, from its ``example_inputs()``."""
+    return model.init(rng, *model.example_inputs())["params"]
+
+
+def param_shapes(model: nn.Module) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computed without allocating."""
+    return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))

@@ -12,144 +12,19 @@ bias, present only when ``channel_projection`` is on.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
+
+from deme_jax.models.layers import (
+    AttentionBlock, ChannelProjection, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv3x3,
+    group_norm, timestep_embedding,
+)
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
-
-
-def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
-    """Sinusoidal embedding of integer timesteps, as diffusers' ``get_timestep_embedding``."""
-    half = dim // 2
-    # Frequencies in float32 in the same order of operations as diffusers, so the
-    # embedding of t ~ 1000 does not drift by an ulp of the frequency.
-    exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32)
-    freqs = np.exp(exponent / np.float32(half - freq_shift)).astype(np.float32)
-    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-    if flip_sin_to_cos:
-        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-def group_norm(groups: int, eps: float, name: str, dtype) -> nn.GroupNorm:
-    # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 loses digits.
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
-
-
-def conv3x3(features: int, name: str, dtype) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
-
-
-class Conv1x1(nn.Module):
-    """A 1x1 convolution (``nn.Conv``'s parameters) computed as a matmul over channels.
-
-    Numerically the same map; written as an einsum because XLA's SPMD
-    partitioner miscomputes a vmapped 1x1 ``conv`` whose replica axis is
-    sharded (measured with jaxlib 0.10.2 on CPU), which stacked replicas are.
-    """
-
-    features: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype)) + bias.astype(
-            self.dtype)
-
-
-class ResnetBlock2D(nn.Module):
-    out_channels: int
-    groups: int
-    eps: float
-    dropout: float = 0.0
-    output_scale_factor: float = 1.0
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb, train: bool = False):
-        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
-        h = conv3x3(self.out_channels, "conv1", self.dtype)(h)
-        h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv3x3(self.out_channels, "conv2", self.dtype)(h)
-        if x.shape[-1] != self.out_channels:
-            x = Conv1x1(self.out_channels, dtype=self.dtype, name="conv_shortcut")(x)
-        return (x + h) / self.output_scale_factor
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over spatial positions with a residual, diffusers' ``Attention``."""
-
-    head_dim: int
-    groups: int
-    eps: float
-    output_scale_factor: float = 1.0
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        b, hgt, wid, c = x.shape
-        heads = c // self.head_dim
-        h = group_norm(self.groups, self.eps, "group_norm", self.dtype)(x).reshape(b, hgt * wid, c)
-        split = lambda y: y.reshape(b, hgt * wid, heads, self.head_dim)
-        q, k, v = (split(nn.Dense(c, dtype=self.dtype, name=n)(h)) for n in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out).reshape(b, hgt, wid, c)
-        return (out + x) / self.output_scale_factor
-
-
-class ChannelProjection(nn.Module):
-    """DeMe's channel-wise projection: a bias-free 1x1 convolution initialised to the identity."""
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        kernel = self.param("kernel", lambda _, shape: jnp.eye(c).reshape(shape), (1, 1, c, c))
-        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(x.dtype))
-
-
-class Downsample2D(nn.Module):
-    padding: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h):
-        # padding 0 is diffusers' (0, 1, 0, 1) right/bottom pad before a VALID conv.
-        pad = ((1, 1), (1, 1)) if self.padding else ((0, 1), (0, 1))
-        return nn.Conv(h.shape[-1], (3, 3), strides=2, padding=pad, dtype=self.dtype, name="conv")(h)
-
-
-class Upsample2D(nn.Module):
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h):
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        return conv3x3(h.shape[-1], "conv", self.dtype)(h)
-
-
-class TimestepEmbedding(nn.Module):
-    dim: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, emb):
-        emb = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(emb.astype(self.dtype))
-        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(emb))
 
 
 class DownBlock2D(nn.Module):
@@ -269,6 +144,11 @@ class UNet2D(nn.Module):
     channel_projection: bool = False
     dtype: jnp.dtype = jnp.float32
 
+    def example_inputs(self) -> tuple:
+        """The smallest inputs ``init`` accepts; parameter shapes do not depend on the image size."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        return jnp.zeros((1, size, size, self.in_channels), jnp.float32), jnp.zeros((1,), jnp.int32)
+
     def head_dim(self, channels: int) -> int:
         return channels if self.attention_head_dim is None else self.attention_head_dim
 
@@ -309,15 +189,3 @@ class UNet2D(nn.Module):
 
         h = nn.silu(group_norm(groups, eps, "conv_norm_out", dt)(h))
         return conv3x3(self.out_channels, "conv_out", dt)(h).astype(jnp.float32)
-
-
-def init_params(model: UNet2D, rng: jax.Array) -> dict:
-    """Fresh parameters; their shapes do not depend on the image size, so the smallest valid one is used."""
-    size = 2 ** (len(model.block_out_channels) - 1)
-    x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
-    return model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
-
-
-def param_shapes(model: UNet2D) -> dict:
-    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computed without allocating."""
-    return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))
