@@ -19,6 +19,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from deme_jax.models import param_shapes
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Module lists, "name.N" in PyTorch and "name_N" here.
 LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out",
@@ -145,3 +147,29 @@ def state_dict_from_params(params: dict, prefix: str = "") -> dict[str, np.ndarr
 
 def save_weights(params: dict, weights: Path, prefix: str = "") -> None:
     save_file(state_dict_from_params(jax.device_get(params), prefix), weights, metadata={"format": "pt"})
+
+
+def load_pretrained(model_dir: Path, model_from_config, weights_name: str, ignored: tuple[str, ...] = (),
+                    variant: str | None = None, config_name: str = "config.json"):
+    """``(module, params)`` of a ``save_pretrained`` directory: ``model_from_config(config.json)`` and its
+    safetensors weights (``variant`` such as "fp16" picks ``<weights>.fp16.safetensors``), float32 params."""
+    model = model_from_config(read_config(model_dir / config_name))
+    state_dict = read_state_dict(weights_file(model_dir, weights_name, variant))
+    return model, params_from_state_dict(param_shapes(model), state_dict, ignored)
+
+
+def save_pretrained(params: dict, config: dict, path: Path, weights_name: str, variant: str | None = None,
+                    config_name: str = "config.json") -> Path:
+    """Writes ``config.json`` and the safetensors weights as ``save_pretrained`` lays them out; ``variant``
+    "fp16" stores the weights in half precision under ``<weights>.fp16.safetensors``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    name = Path(weights_name)
+    if variant:
+        if variant != "fp16":
+            raise ValueError(f"variant={variant!r}: only 'fp16' is written.")
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float16), params)
+        weights_name = f"{name.stem}.{variant}{name.suffix}"
+    save_weights(params, path / weights_name)
+    (path / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Text-to-image: prompts -> CLIP text states -> guided latent sampling -> VAE decode."""
