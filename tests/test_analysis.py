@@ -11,7 +11,7 @@ from configs import default
 from deme_jax.analysis import cosine_matrix, filter_normalized_direction, interval_gradients, landscape
 from deme_jax.commands.analyze import run as analyze
 from deme_jax.diffusion import add_noise, epsilon_loss, make_schedule
-from deme_jax.interop import save_orbax_unet
+from deme_jax.interop import save_orbax_model
 from deme_jax.models import UNet2D, init_params
 
 MODEL = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -70,7 +70,7 @@ def test_landscape_centre_is_the_held_out_loss_and_a_zero_direction_is_flat():
 
 
 def test_analyze_a_model_writes_heatmap_and_landscape(tmp_path):
-    path = save_orbax_unet(MODEL, init_params(MODEL, jax.random.key(0)), tmp_path / "model")
+    path = save_orbax_model(MODEL, init_params(MODEL, jax.random.key(0)), tmp_path / "model")
     config = default.get_config()
     config.data.update(dict(name="mnist", image_size=8, channels=1))
     config.analyze.update(dict(model=str(path), num_images=8, num_batches=2, landscape_images=16, grid_size=3))

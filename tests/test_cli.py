@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
 from deme_jax.cli import main
-from deme_jax.interop import load_orbax_unet
+from deme_jax.interop import load_orbax_model
 from tests.diffusers_util import CIFAR_LAYOUT, random_unet
 
 TINY = dict(CIFAR_LAYOUT, sample_size=16, block_out_channels=(32, 32, 32, 32), attention_head_dim=None,
@@ -21,7 +21,7 @@ def test_convert_diffusers_to_orbax_and_back_is_bit_identical(tmp_path):
     reference = random_unet(**TINY)
     reference.save_pretrained(tmp_path / "diffusers")
     main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "orbax")])
-    model, params = load_orbax_unet(tmp_path / "orbax")
+    model, params = load_orbax_model(tmp_path / "orbax")
     assert model.sample_size == 16 and model.attention_head_dim is None
     main(["convert", str(tmp_path / "orbax"), str(tmp_path / "back")])
     reloaded = UNet2DModel.from_pretrained(tmp_path / "back").state_dict()
@@ -72,7 +72,7 @@ def test_training_workdir_exports_its_ema_weights_and_samples(tmp_path):
     config.train.update(dict(num_steps=2, checkpoint_every=2, eval_every=0, sample_every=0))
     state = train_and_evaluate(config, tmp_path / "run")
     main(["convert", str(tmp_path / "run"), str(tmp_path / "export")])
-    model, params = load_orbax_unet(tmp_path / "export")
+    model, params = load_orbax_model(tmp_path / "export")
     assert model.block_out_channels == (16, 32) and model.in_channels == 1
     for ours, ema in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.ema_params)):
         np.testing.assert_array_equal(ours, ema)

@@ -12,7 +12,7 @@ from deme_jax.commands.evaluate import run as evaluate
 from deme_jax.data import reference_images
 from deme_jax.diffusion import sample_images
 from deme_jax.metrics.scoring import Scorer
-from deme_jax.interop import save_orbax_unet
+from deme_jax.interop import save_orbax_model
 from deme_jax.models import UNet2D, init_params
 
 MODEL = UNet2D(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -29,7 +29,7 @@ def eval_config(**fields):
 
 
 def test_evaluate_writes_scores_per_seed_a_grid_and_a_summary(tmp_path):
-    path = save_orbax_unet(MODEL, init_params(MODEL, jax.random.key(0)), tmp_path / "model")
+    path = save_orbax_model(MODEL, init_params(MODEL, jax.random.key(0)), tmp_path / "model")
     config = eval_config(model=str(path))
     result = evaluate(config, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())

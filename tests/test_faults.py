@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from deme_jax.train import ConfigError, train_and_evaluate
-from deme_jax.interop import save_orbax_unet
+from deme_jax.interop import save_orbax_model
 from deme_jax.models import init_params
 from deme_jax.train.checkpoints import Checkpoints, DamagedCheckpointError
 from tests import tiny_config
@@ -228,7 +228,7 @@ def raw_state(workdir: Path) -> dict:
 
 @pytest.mark.slow
 def test_kills_at_five_moments_leave_stacked_finetuning_bit_identical(tmp_path):
-    pretrained = save_orbax_unet(PRETRAINED, init_params(PRETRAINED, jax.random.key(0)), tmp_path / "pretrained")
+    pretrained = save_orbax_model(PRETRAINED, init_params(PRETRAINED, jax.random.key(0)), tmp_path / "pretrained")
     finetune = lambda workdir: [  # noqa: E731
         "finetune", f"--config={ROOT / 'configs' / 'mnist_deme.py'}", f"--workdir={workdir}",
         f"--config.deme.pretrained={pretrained}", "--config.deme.num_replicas=2", "--config.data.image_size=8",

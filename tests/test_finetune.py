@@ -14,7 +14,7 @@ import pytest
 from configs import deme as deme_config
 from deme_jax.deme import TimestepEnsemble, finetune, load_replicas, merge_replicas
 from deme_jax.deme.replicas import replica_slice, with_identity_projections
-from deme_jax.interop import load_diffusers_unet, load_orbax_unet, save_orbax_unet
+from deme_jax.interop import load_diffusers_unet, load_orbax_model, save_orbax_model
 from deme_jax.merge import merge
 from deme_jax.models import UNet2D, init_params
 from deme_jax.train import ConfigError
@@ -30,7 +30,7 @@ PRETRAINED = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_chan
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    return save_orbax_unet(PRETRAINED, init_params(PRETRAINED, jax.random.key(0)),
+    return save_orbax_model(PRETRAINED, init_params(PRETRAINED, jax.random.key(0)),
                            tmp_path_factory.mktemp("pretrained") / "model")
 
 
@@ -131,8 +131,8 @@ def test_merge_searches_weights_and_exports_orbax_and_diffusers(pretrained, stac
     assert result["score"] == min(scores.values())
     assert (workdir / "merge" / "search.png").is_file()
 
-    model, merged = load_orbax_unet(workdir / "merge" / "orbax")
-    pretrained_model, pretrained_params = load_orbax_unet(pretrained)
+    model, merged = load_orbax_model(workdir / "merge" / "orbax")
+    pretrained_model, pretrained_params = load_orbax_model(pretrained)
     base_model, base = with_identity_projections(pretrained_model, pretrained_params)
     assert model == base_model  # the pretrained structure plus the projections
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
@@ -189,7 +189,7 @@ def test_merge_weights_of_the_wrong_length_and_other_architectures(pretrained, s
                                                             "down_block_types", "up_block_types",
                                                             "layers_per_block", "norm_num_groups")},
                       "block_out_channels": (8, 8)})
-    other_path = save_orbax_unet(other, init_params(other, jax.random.key(1)), tmp_path / "other")
+    other_path = save_orbax_model(other, init_params(other, jax.random.key(1)), tmp_path / "other")
     run = json.loads((workdir / "config.json").read_text())
     run["deme"]["pretrained"] = str(other_path)
     moved = tmp_path / "run"

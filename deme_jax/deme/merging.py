@@ -25,7 +25,7 @@ from clu import metric_writers
 from deme_jax.data import heldout_images
 from deme_jax.deme.finetune import load_pretrained, load_replicas
 from deme_jax.diffusion import make_schedule, sample_images
-from deme_jax.interop import save_diffusers_unet, save_orbax_unet
+from deme_jax.interop import save_diffusers_unet, save_orbax_model
 from deme_jax.merge import METHODS, merge
 from deme_jax.merge.search import SEARCHES, coordinate_descent, grid_search
 from deme_jax.metrics.scoring import Scorer, sample_noise
@@ -135,7 +135,7 @@ def merge_replicas(config, workdir: str | Path):
     }
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_orbax_unet(model, merged, out / "orbax")
+        save_orbax_model(model, merged, out / "orbax")
         save_diffusers_unet(model, merged, out / "diffusers")
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         if candidates:

@@ -1,14 +1,20 @@
-"""DDPM and DDIM samplers, step for step as diffusers' schedulers.
+"""DDPM, DDIM and DPM-Solver++ (2M) samplers, step for step as diffusers' schedulers.
 
-The model is a linen Module called as ``model.apply({"params": params}, x, t)``
-with ``x`` NHWC float32 of shape (B, H, W, C) and ``t`` int32 of shape (B,); it
-returns the predicted noise. A whole run is one ``lax.scan`` inside one
-``jax.jit``; the module and the schedule's config are static, so a second run
-with the same shapes reuses the compiled loop.
+Every sampler follows one scan-friendly interface: ``make_plan`` fixes the
+timesteps of a run, ``init_carry`` gives the state a sampler keeps between
+steps, and ``sampler_step`` takes step ``i`` (a traced int32, 0 the noisiest).
+The model input at step ``i`` is ``x`` itself at timestep ``plan.timesteps[i]``
+and the initial noise is standard normal: none of these samplers scales either.
+
+The sampling functions take a linen Module called as
+``model.apply({"params": params}, x, t)`` with ``x`` NHWC float32 of shape
+(B, H, W, C) and ``t`` int32 of shape (B,). A whole run is one ``lax.scan``
+inside one ``jax.jit``; the module and the static configs are static, so a
+second run with the same shapes reuses the compiled loop.
 
 Per-step noise is ``jax.random.normal(keys[i], x.shape, x.dtype)`` with
 ``keys = jax.random.split(rng, num_steps)`` and ``i`` the index of the step in
-the run (0 is the noisiest), so a run can be replayed outside this module.
+the run, so a run can be replayed outside this module.
 """
 
 from __future__ import annotations
@@ -16,25 +22,32 @@ from __future__ import annotations
 import functools
 import time
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from deme_jax.diffusion.schedule import NoiseSchedule, expand_to
+from deme_jax.diffusion.schedule import NoiseSchedule, check_choice, expand_to
 from deme_jax.images import to_uint8
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+# The timestep spacing of each sampler's diffusers class, used when the schedule does not give one.
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace"}
 
-def inference_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np.ndarray:
-    """Descending int64 timesteps, as diffusers' ``set_timesteps`` for the schedule's spacing."""
+
+def inference_timesteps(schedule: NoiseSchedule, num_inference_steps: int, sampler: str = "ddim") -> np.ndarray:
+    """Descending int64 timesteps, as the ``set_timesteps`` of ``sampler``'s diffusers class."""
     T = schedule.num_train_timesteps
     if not 0 < num_inference_steps <= T:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, num_train_timesteps={T}]")
-    if schedule.timestep_spacing == "linspace":
-        return np.linspace(0, T - 1, num_inference_steps).round()[::-1].astype(np.int64)
-    if schedule.timestep_spacing == "leading":
-        ratio = T // num_inference_steps
-        timesteps = (np.arange(num_inference_steps) * ratio)[::-1].astype(np.int64) + schedule.steps_offset
+    spacing = schedule.timestep_spacing or DEFAULT_SPACING[sampler]
+    # DPM-Solver spaces one point more for linspace and leading and drops the last one (t = 0).
+    n = num_inference_steps + 1 if sampler == "dpmpp_2m" and spacing != "trailing" else num_inference_steps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1][:num_inference_steps].astype(np.int64)
+    if spacing == "leading":
+        timesteps = (np.arange(n) * (T // n))[::-1][:num_inference_steps].astype(np.int64) + schedule.steps_offset
         if timesteps[0] >= T:
             raise ValueError(
                 f"steps_offset={schedule.steps_offset} with {num_inference_steps} leading steps reaches "
@@ -48,6 +61,53 @@ def inference_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np
     return timesteps[:num_inference_steps]
 
 
+@flax.struct.dataclass
+class SamplerPlan:
+    """The timesteps of one run: arrays are pytree leaves, the sampler and ``eta`` static.
+
+    Step ``i`` calls the model at ``timesteps[i]`` and lands on
+    ``prev_timesteps[i]`` (< 0: past the last timestep, where DDIM uses the
+    schedule's ``final_alpha_cumprod``, DDPM alpha-bar 1 and DPM-Solver++ sigma 0).
+    """
+
+    timesteps: jax.Array  # (S,) int32, descending
+    prev_timesteps: jax.Array  # (S,) int32
+    sampler: str = flax.struct.field(pytree_node=False)
+    eta: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether ``sampler_step`` needs fresh noise at each step."""
+        return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta > 0)
+
+
+def make_plan(schedule: NoiseSchedule, sampler: str, num_inference_steps: int, eta: float = 0.0) -> SamplerPlan:
+    """The plan of a ``num_inference_steps`` run of ``sampler`` (one of ``SAMPLERS``).
+
+    DDIM steps back by ``num_train_timesteps // num_inference_steps`` whatever the
+    spacing, as diffusers does; DDPM and DPM-Solver++ step to the next timestep.
+    ``eta`` (DDIM only) scales DDIM's noise: 0 is deterministic, 1 is DDPM-like.
+    """
+    check_choice("sampler", sampler, SAMPLERS)
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} applies to the ddim sampler only, not {sampler}")
+    timesteps = inference_timesteps(schedule, num_inference_steps, sampler)
+    if sampler == "ddim":
+        prev_timesteps = timesteps - schedule.num_train_timesteps // num_inference_steps
+    else:
+        prev_timesteps = np.append(timesteps[1:], -1)
+    return SamplerPlan(jnp.asarray(timesteps, jnp.int32), jnp.asarray(prev_timesteps, jnp.int32), sampler, float(eta))
+
+
+def init_carry(plan: SamplerPlan, x):
+    """What a sampler keeps between steps: DPM-Solver++ 2M the previous x0 prediction (float32), others nothing."""
+    return jnp.zeros(x.shape, jnp.float32) if plan.sampler == "dpmpp_2m" else ()
+
+
 def _alphas_cumprod_at(schedule: NoiseSchedule, t, fallback, x):
     """alpha-bar at ``t`` broadcast over ``x``; ``fallback`` where ``t < 0`` (past the last step)."""
     t = jnp.asarray(t)
@@ -55,16 +115,23 @@ def _alphas_cumprod_at(schedule: NoiseSchedule, t, fallback, x):
     return expand_to(abar, x)
 
 
-def _predict_x0(schedule: NoiseSchedule, eps, x, abar_t):
-    """x0 implied by an epsilon prediction, clipped as the schedule says."""
-    x0 = (x - jnp.sqrt(1 - abar_t) * eps) / jnp.sqrt(abar_t)
+def _x0_and_eps(schedule: NoiseSchedule, model_output, x, alpha, sigma):
+    """x0 and the noise implied by the model output for x = alpha x0 + sigma eps, as diffusers converts them."""
+    if schedule.prediction_type == "epsilon":
+        return (x - sigma * model_output) / alpha, model_output
+    return alpha * x - sigma * model_output, alpha * model_output + sigma * x
+
+
+def _predict_x0_and_eps(schedule: NoiseSchedule, model_output, x, abar_t):
+    """DDPM's and DDIM's x0 (clipped as the schedule says) and noise."""
+    x0, eps = _x0_and_eps(schedule, model_output, x, jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t))
     if schedule.clip_sample:
         x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
-    return x0
+    return x0, eps
 
 
-def ddim_step(schedule: NoiseSchedule, eps, t, prev_t, x, eta=0.0, noise=None) -> jax.Array:
-    """One DDIM update x_t -> x_prev_t, as ``DDIMScheduler.step`` with epsilon prediction.
+def ddim_step(schedule: NoiseSchedule, model_output, t, prev_t, x, eta=0.0, noise=None) -> jax.Array:
+    """One DDIM update x_t -> x_prev_t, as ``DDIMScheduler.step``.
 
     ``t``/``prev_t`` are scalars or (B,) ints; ``prev_t < 0`` steps to
     ``schedule.final_alpha_cumprod``. ``noise`` (standard normal, shape of x) is
@@ -73,7 +140,7 @@ def ddim_step(schedule: NoiseSchedule, eps, t, prev_t, x, eta=0.0, noise=None) -
     abar_t = _alphas_cumprod_at(schedule, t, 0.0, x)
     abar_prev = _alphas_cumprod_at(schedule, prev_t, schedule.final_alpha_cumprod, x)
     beta_t = 1 - abar_t
-    x0 = _predict_x0(schedule, eps, x, abar_t)
+    x0, eps = _predict_x0_and_eps(schedule, model_output, x, abar_t)
     variance = ((1 - abar_prev) / beta_t) * (1 - abar_t / abar_prev)
     std = eta * jnp.sqrt(variance)
     x_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - std**2) * eps
@@ -82,8 +149,8 @@ def ddim_step(schedule: NoiseSchedule, eps, t, prev_t, x, eta=0.0, noise=None) -
     return x_prev
 
 
-def ddpm_step(schedule: NoiseSchedule, eps, t, prev_t, x, noise) -> jax.Array:
-    """One ancestral DDPM update x_t -> x_prev_t, as ``DDPMScheduler.step`` with epsilon prediction.
+def ddpm_step(schedule: NoiseSchedule, model_output, t, prev_t, x, noise) -> jax.Array:
+    """One ancestral DDPM update x_t -> x_prev_t, as ``DDPMScheduler.step``.
 
     ``prev_t < 0`` means alpha-bar 1. The variance is ``fixed_small`` (posterior,
     clamped at 1e-20) or ``fixed_large`` (1 - abar_t / abar_prev); ``noise`` is
@@ -95,7 +162,7 @@ def ddpm_step(schedule: NoiseSchedule, eps, t, prev_t, x, noise) -> jax.Array:
     beta_prev = 1 - abar_prev
     alpha_t = abar_t / abar_prev
     current_beta = 1 - alpha_t
-    x0 = _predict_x0(schedule, eps, x, abar_t)
+    x0, _ = _predict_x0_and_eps(schedule, model_output, x, abar_t)
     mean = (jnp.sqrt(abar_prev) * current_beta) / beta_t * x0 + jnp.sqrt(alpha_t) * beta_prev / beta_t * x
     if schedule.variance_type == "fixed_small":
         variance = jnp.maximum(beta_prev / beta_t * current_beta, 1e-20)
@@ -105,79 +172,116 @@ def ddpm_step(schedule: NoiseSchedule, eps, t, prev_t, x, noise) -> jax.Array:
     return mean + std * noise
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _sample_loop(model, step_fn, params, schedule, x, timesteps, prev_timesteps, keys, *step_args):
-    """Scans ``step_fn`` over the timesteps; ``keys`` None means a noise-free sampler."""
+def _dpm_alpha_sigma_lambda(schedule: NoiseSchedule, t):
+    """DPM-Solver's alpha, sigma and log-SNR lambda at scalar ``t`` (sigma 0 where ``t < 0``).
 
-    def body(x, inputs):
-        t, prev_t, key = inputs
-        eps = model.apply({"params": params}, x, jnp.full((x.shape[0],), t, jnp.int32))
-        noise = None if key is None else jax.random.normal(key, x.shape, x.dtype)
-        return step_fn(schedule, eps, t, prev_t, x, *step_args, noise), None
+    The float32 arithmetic of ``DPMSolverMultistepScheduler``: alpha and sigma
+    are recovered from its ``sigmas`` = sqrt((1 - abar) / abar).
+    """
+    abar = schedule.alphas_cumprod[jnp.maximum(t, 0)]
+    ratio = jnp.where(t >= 0, jnp.sqrt((1 - abar) / abar), 0.0)
+    alpha = 1 / jnp.sqrt(ratio**2 + 1)
+    sigma = ratio * alpha
+    return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
 
-    x, _ = jax.lax.scan(body, x, (timesteps, prev_timesteps, keys))
+
+def dpm_solver_step(schedule: NoiseSchedule, plan: SamplerPlan, previous_x0, i, x, model_output):
+    """One DPM-Solver++ 2M (midpoint) update, as ``DPMSolverMultistepScheduler.step``; returns (x_next, x0).
+
+    ``previous_x0`` is the x0 prediction of step ``i - 1``. The first step, and
+    the last one (down to sigma 0: diffusers' ``final_sigmas_type="zero"``), are
+    first order. No clipping: diffusers' DPM-Solver has none.
+    """
+    alpha_t, sigma_t, lambda_t = _dpm_alpha_sigma_lambda(schedule, plan.prev_timesteps[i])
+    alpha_s0, sigma_s0, lambda_s0 = _dpm_alpha_sigma_lambda(schedule, plan.timesteps[i])
+    _, _, lambda_s1 = _dpm_alpha_sigma_lambda(schedule, plan.timesteps[jnp.maximum(i - 1, 0)])
+    x0, _ = _x0_and_eps(schedule, model_output, x, alpha_s0, sigma_s0)
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    second_order = (i > 0) & (i < plan.num_steps - 1)
+    d1 = jnp.where(second_order, 1.0 / (h_0 / h), 0.0) * (x0 - previous_x0)
+    coef = alpha_t * (jnp.exp(-h) - 1.0)
+    return (sigma_t / sigma_s0) * x - coef * x0 - 0.5 * coef * d1, x0
+
+
+def sampler_step(schedule: NoiseSchedule, plan: SamplerPlan, carry, i, x, model_output, noise=None):
+    """Step ``i`` of ``plan`` from ``x`` given the model's output at ``(x, plan.timesteps[i])``.
+
+    Returns ``(x_next, carry)``, ``x_next`` in x's dtype. Jit- and scan-friendly
+    in ``i``. ``noise`` is standard normal of x's shape when ``plan.needs_noise``,
+    else ignored. The model output is converted to float32 first, as diffusers'
+    DPM-Solver upcasts.
+    """
+    if plan.needs_noise and noise is None:
+        raise ValueError(f"the {plan.sampler} sampler (eta={plan.eta}) adds noise at every step: pass noise")
+    model_output, x32 = jnp.asarray(model_output, jnp.float32), jnp.asarray(x, jnp.float32)
+    t, prev_t = plan.timesteps[i], plan.prev_timesteps[i]
+    if plan.sampler == "dpmpp_2m":
+        x_next, carry = dpm_solver_step(schedule, plan, carry, i, x32, model_output)
+    elif plan.sampler == "ddim":
+        x_next = ddim_step(schedule, model_output, t, prev_t, x32, plan.eta, noise if plan.eta > 0 else None)
+    else:
+        x_next = ddpm_step(schedule, model_output, t, prev_t, x32, noise)
+    return x_next.astype(x.dtype), carry
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample_loop(model, params, schedule, plan, x, rng):
+    """Scans the model and ``sampler_step`` over the plan; ``rng`` is None for a noise-free sampler."""
+    keys = None if rng is None else jax.random.split(rng, plan.num_steps)
+
+    def body(state, i):
+        x, carry = state
+        model_output = model.apply({"params": params}, x, jnp.full((x.shape[0],), plan.timesteps[i], jnp.int32))
+        noise = None if keys is None else jax.random.normal(keys[i], x.shape, x.dtype)
+        return sampler_step(schedule, plan, carry, i, x, model_output, noise), None
+
+    (x, _), _ = jax.lax.scan(body, (x, init_carry(plan, x)), jnp.arange(plan.num_steps, dtype=jnp.int32))
     return x
 
 
-def ddim_sample(model, params, schedule: NoiseSchedule, noise, num_inference_steps: int, eta=0.0, rng=None):
-    """Denoises ``noise`` (B, H, W, C) with DDIM, as diffusers' ``DDIMPipeline``.
+def sample(model, params, schedule: NoiseSchedule, noise, sampler: str, num_inference_steps: int, eta=0.0,
+           rng=None):
+    """Denoises ``noise`` (B, H, W, C) in ``num_inference_steps`` steps of ``sampler``, as diffusers' pipelines.
 
-    Timesteps come from ``inference_timesteps``; each step goes back by
-    ``num_train_timesteps // num_inference_steps`` whatever the spacing, as
-    diffusers does. ``eta`` is a Python float; ``rng`` is needed (and used) only
-    when ``eta > 0``.
+    ``rng`` is needed (and used) only when the sampler adds noise: DDPM, DDIM with ``eta > 0``.
     """
-    timesteps = inference_timesteps(schedule, num_inference_steps)
-    prev_timesteps = timesteps - schedule.num_train_timesteps // num_inference_steps
-    if eta > 0 and rng is None:
-        raise ValueError(f"ddim_sample with eta={eta} adds noise at every step: pass rng")
-    keys = jax.random.split(rng, len(timesteps)) if eta > 0 else None
-    return _sample_loop(
-        model,
-        ddim_step,
-        params,
-        schedule,
-        noise,
-        jnp.asarray(timesteps, jnp.int32),
-        jnp.asarray(prev_timesteps, jnp.int32),
-        keys,
-        jnp.float32(eta),
-    )
+    plan = make_plan(schedule, sampler, num_inference_steps, eta)
+    if plan.needs_noise and rng is None:
+        raise ValueError(f"the {sampler} sampler with eta={eta} adds noise at every step: pass rng")
+    return _sample_loop(model, params, schedule, plan, noise, rng if plan.needs_noise else None)
+
+
+def ddim_sample(model, params, schedule: NoiseSchedule, noise, num_inference_steps: int, eta=0.0, rng=None):
+    """DDIM, as diffusers' ``DDIMPipeline``; ``rng`` only when ``eta > 0``."""
+    return sample(model, params, schedule, noise, "ddim", num_inference_steps, eta, rng)
 
 
 def ddpm_sample(model, params, schedule: NoiseSchedule, noise, rng):
     """Ancestral sampling through every training timestep T-1, ..., 0 (diffusers' ``DDPMPipeline`` default)."""
-    timesteps = np.arange(schedule.num_train_timesteps)[::-1]
-    keys = jax.random.split(rng, len(timesteps))
-    return _sample_loop(
-        model,
-        ddpm_step,
-        params,
-        schedule,
-        noise,
-        jnp.asarray(timesteps, jnp.int32),
-        jnp.asarray(timesteps - 1, jnp.int32),
-        keys,
-    )
+    return sample(model, params, schedule, noise, "ddpm", schedule.num_train_timesteps, rng=rng)
+
+
+def dpm_sample(model, params, schedule: NoiseSchedule, noise, num_inference_steps: int):
+    """DPM-Solver++ 2M, as a diffusers pipeline with ``DPMSolverMultistepScheduler.from_config``."""
+    return sample(model, params, schedule, noise, "dpmpp_2m", num_inference_steps)
 
 
 def sample_images(model, params, schedule, num: int, shape: tuple[int, int, int], rng: jax.Array, batch_size: int,
                   sampler: str = "ddim", ddim_steps: int = 50, eta: float = 0.0) -> np.ndarray:
     """``num`` uint8 samples of ``shape`` (H, W, C), drawn in batches, from the noise of ``rng``.
 
-    Batch k's noise comes from ``fold_in(rng, k)``, so the first images
-    do not depend on ``num`` or on the model: two models sampled with one key
-    start from the same noise.
+    ``ddim_steps`` is the step count of DDIM and DPM-Solver++; DDPM takes every
+    training timestep. Batch k's noise comes from ``fold_in(rng, k)``, so the
+    first images do not depend on ``num`` or on the model: two models sampled
+    with one key start from the same noise.
     """
+    steps = schedule.num_train_timesteps if sampler == "ddpm" else ddim_steps
     batches, done, start = [], 0, time.perf_counter()
     for k in range(-(-num // batch_size)):
         n = min(batch_size, num - done)
         rng_noise, rng_steps = jax.random.split(jax.random.fold_in(rng, k))
         noise = jax.random.normal(rng_noise, (batch_size, *shape))  # full batches: one compilation
-        if sampler == "ddim":
-            images = ddim_sample(model, params, schedule, noise, ddim_steps, eta, rng_steps if eta > 0 else None)
-        else:
-            images = ddpm_sample(model, params, schedule, noise, rng_steps)
+        images = sample(model, params, schedule, noise, sampler, steps, eta, rng_steps)
         batches.append(to_uint8(np.asarray(images))[:n])
         done += n
         logging.info("sampled %d/%d images (%.0f s)", done, num, time.perf_counter() - start)

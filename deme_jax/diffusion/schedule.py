@@ -1,7 +1,7 @@
-"""Noise schedules, forward noising and the epsilon-prediction loss.
+"""Noise schedules, forward noising, training targets and the per-example loss.
 
-Everything follows diffusers' ``DDPMScheduler``/``DDIMScheduler`` so that a
-checkpoint trained there samples identically here.
+Everything follows diffusers' schedulers so that a checkpoint trained there
+samples identically here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon",)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def check_choice(field: str, value, supported) -> None:
@@ -32,8 +32,11 @@ def check_choice(field: str, value, supported) -> None:
 class NoiseSchedule:
     """Discrete-time schedule: arrays are pytree leaves, the rest is static config.
 
-    One object serves both samplers, so it carries DDPM's ``variance_type`` and
+    One object serves every sampler, so it carries DDPM's ``variance_type`` and
     DDIM's ``set_alpha_to_one``; each sampler reads only what it needs.
+    ``timestep_spacing`` None means "not given": each sampler then uses the
+    default of its diffusers class, as ``from_config`` does with a config that
+    lacks the key (Stable Diffusion's does).
     """
 
     betas: jax.Array  # (T,) float32
@@ -44,12 +47,12 @@ class NoiseSchedule:
     variance_type: str = flax.struct.field(pytree_node=False, default="fixed_small")
     set_alpha_to_one: bool = flax.struct.field(pytree_node=False, default=True)
     steps_offset: int = flax.struct.field(pytree_node=False, default=0)
-    timestep_spacing: str = flax.struct.field(pytree_node=False, default="leading")
+    timestep_spacing: str | None = flax.struct.field(pytree_node=False, default=None)
     prediction_type: str = flax.struct.field(pytree_node=False, default="epsilon")
 
     def __post_init__(self):
         check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
-        check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("timestep_spacing", self.timestep_spacing, (None, *TIMESTEP_SPACINGS))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
 
     @property
@@ -80,7 +83,7 @@ def make_schedule(
     variance_type: str = "fixed_small",
     set_alpha_to_one: bool = True,
     steps_offset: int = 0,
-    timestep_spacing: str = "leading",
+    timestep_spacing: str | None = None,
     prediction_type: str = "epsilon",
 ) -> NoiseSchedule:
     """Builds a schedule with diffusers' defaults and arithmetic.
@@ -130,6 +133,15 @@ def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.A
     """Forward process q(x_t | x_0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, ``t`` int of shape (B,)."""
     abar = expand_to(schedule.alphas_cumprod[t], x0).astype(x0.dtype)
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+
+
+def prediction_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """What the model learns to output at ``t``: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0
+    (diffusers' ``get_velocity``) for v-prediction."""
+    if schedule.prediction_type == "epsilon":
+        return noise
+    abar = expand_to(schedule.alphas_cumprod[t], x0).astype(x0.dtype)
+    return jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
 
 
 def epsilon_loss(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:

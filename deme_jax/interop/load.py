@@ -1,5 +1,6 @@
-"""One loader for "a path that holds a model": a diffusers directory, an orbax export of ours, a training
-workdir or a DeMe finetuning workdir (stacked or sequential).
+"""One loader for "a path that holds a model": a diffusers or transformers model directory (a pipeline
+directory gives its UNet), an orbax export of ours, a training workdir or a DeMe finetuning workdir (stacked
+or sequential).
 
 Workdirs give their EMA parameters, which is what a run is evaluated and
 exported with; DeMe workdirs give them stacked (a leading replica axis).
@@ -16,9 +17,9 @@ import ml_collections
 from absl import logging
 
 from deme_jax.diffusion import NoiseSchedule, make_schedule
-from deme_jax.interop.checkpoint import is_orbax_model, load_orbax_unet
+from deme_jax.interop.checkpoint import is_orbax_model, load_orbax_model
+from deme_jax.interop.diffusers import load_diffusers_model
 from deme_jax.interop.scheduler import load_diffusers_scheduler
-from deme_jax.interop.unet import load_diffusers_unet
 from deme_jax.models import build_model
 from deme_jax.train.checkpoints import Checkpoints
 from deme_jax.train.step import model_params
@@ -88,7 +89,11 @@ def load_model(path: str | Path):
         model, params, _, steps = load_run(path)
         logging.info("%s: the EMA parameters of step %s", path, steps[0] if len(set(steps)) == 1 else steps)
         return model, params
-    return load_orbax_unet(path) if is_orbax_model(path) else load_diffusers_unet(path)
+    if is_orbax_model(path):
+        return load_orbax_model(path)
+    path = Path(path)
+    has_unet = not (path / "config.json").is_file() and (path / "unet" / "config.json").is_file()
+    return load_diffusers_model(path / "unet" if has_unet else path)  # a pipeline directory gives its UNet
 
 
 def load_schedule(path: str | Path | None) -> NoiseSchedule:

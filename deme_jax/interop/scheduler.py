@@ -1,15 +1,22 @@
-"""Reads a diffusers ``DDPMScheduler``/``DDIMScheduler`` config into a ``NoiseSchedule``."""
+"""Reads a diffusers scheduler config (DDPM, DDIM, PNDM, DPM-Solver multistep) into a ``NoiseSchedule``.
+
+The schedule holds what every sampler shares (betas, prediction type, timestep
+spacing, offsets); which sampler runs is chosen at sampling time, as a diffusers
+user does with ``OtherScheduler.from_config(pipe.scheduler.config)``. Keys absent
+from the file keep ``make_schedule``'s defaults, which are diffusers' defaults,
+and an absent ``timestep_spacing`` stays "not given" so that each sampler uses
+its own class's default.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from deme_jax.diffusion.schedule import NoiseSchedule, check_choice, make_schedule
 
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
-# Config keys that shape the schedule; keys absent from a file keep make_schedule's
-# defaults, which are diffusers' defaults for both classes.
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler")
 _SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -24,8 +31,24 @@ _SCHEDULE_KEYS = (
     "timestep_spacing",
     "prediction_type",
 )
-# Features this port does not implement, with the one value it accepts.
-_UNSUPPORTED_FEATURES = {"thresholding": False, "rescale_betas_zero_snr": False}
+# Options that change sampling in ways this port does not implement, with the values it accepts. PNDM's own
+# options (skip_prk_steps) and DPM-Solver's lower_order_final / euler_at_final (the last step is first order
+# anyway when the final sigma is zero) change nothing here.
+_ACCEPTED_OPTIONS = {
+    "thresholding": (False,),
+    "rescale_betas_zero_snr": (False,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_order": (2,),
+    "solver_type": ("midpoint",),
+    "final_sigmas_type": ("zero",),
+    "use_karras_sigmas": (False,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,),
+    "lambda_min_clipped": (-math.inf,),
+}
 
 
 def load_diffusers_scheduler(path) -> NoiseSchedule:
@@ -43,8 +66,11 @@ def load_diffusers_scheduler(path) -> NoiseSchedule:
     try:
         if "_class_name" in config:
             check_choice("_class_name", config["_class_name"], SCHEDULER_CLASSES)
-        for key, accepted in _UNSUPPORTED_FEATURES.items():
-            check_choice(key, config.get(key, accepted), (accepted,))
+        if config.get("_class_name") == "DPMSolverMultistepScheduler":
+            # There variance_type says whether the model also predicts its variance, not DDPM's posterior variance.
+            check_choice("variance_type", config.pop("variance_type", None), (None,))
+        for key, accepted in _ACCEPTED_OPTIONS.items():
+            check_choice(key, config.get(key, accepted[0]), accepted)
         return make_schedule(**{k: config[k] for k in _SCHEDULE_KEYS if k in config})
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from e

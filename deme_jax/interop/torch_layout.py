@@ -150,11 +150,13 @@ def save_weights(params: dict, weights: Path, prefix: str = "") -> None:
 
 
 def load_pretrained(model_dir: Path, model_from_config, weights_name: str, ignored: tuple[str, ...] = (),
-                    variant: str | None = None, config_name: str = "config.json"):
+                    variant: str | None = None, key_prefix: str = "", config_name: str = "config.json"):
     """``(module, params)`` of a ``save_pretrained`` directory: ``model_from_config(config.json)`` and its
-    safetensors weights (``variant`` such as "fp16" picks ``<weights>.fp16.safetensors``), float32 params."""
-    model = model_from_config(read_config(model_dir / config_name))
-    state_dict = read_state_dict(weights_file(model_dir, weights_name, variant))
+    safetensors weights (``variant`` such as "fp16" picks ``<weights>.fp16.safetensors``), float32 params.
+    Keys lacking ``key_prefix`` get it (a layout that one library version writes with it, another without)."""
+    model = model_from_config(read_config(Path(model_dir) / config_name))
+    state_dict = read_state_dict(weights_file(Path(model_dir), weights_name, variant))
+    state_dict = {k if k.startswith(key_prefix) else key_prefix + k: v for k, v in state_dict.items()}
     return model, params_from_state_dict(param_shapes(model), state_dict, ignored)
 
 

@@ -16,6 +16,8 @@ from deme_jax.interop.torch_layout import (
 )
 from deme_jax.models import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D, param_shapes
 
+CLASS_NAME = "UNet2DModel"
+MODEL_CLASS = UNet2D
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 

@@ -1,7 +1,12 @@
-"""Flax networks: diffusers-compatible UNet2D with DeMe's channel projections."""
+"""Flax networks: diffusers' UNet2D and Stable Diffusion's conditional UNet, autoencoder and CLIP text encoder,
+with DeMe's channel projections where DeMe finetunes."""
 
+from deme_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from deme_jax.models.clip_text import CLIPTextModel, CLIPTextOutput
 from deme_jax.models.registry import MODEL_CLASSES, build_model, init_params, model_fields, param_shapes
 from deme_jax.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
+from deme_jax.models.unet_condition import UNet2DCondition
 
-__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "UNet2D", "build_model", "init_params",
-           "model_fields", "param_shapes"]
+__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "AutoencoderKL", "CLIPTextModel", "CLIPTextOutput",
+           "DiagonalGaussian", "UNet2D", "UNet2DCondition", "build_model", "init_params", "model_fields",
+           "param_shapes"]

@@ -88,6 +88,18 @@ def attention(q, k, v, heads: int) -> jax.Array:
     return out.reshape(*out.shape[:2], -1)
 
 
+def multi_head_attention(x, context, heads: int, qkv_bias: bool, dtype) -> jax.Array:
+    """diffusers' ``Attention``: ``to_q`` of ``x``, ``to_k``/``to_v`` of ``context``, attention, ``to_out.0``.
+
+    Called inside a compact method, so the projections are submodules of the
+    caller, named as in diffusers' state dicts.
+    """
+    c = x.shape[-1]
+    q = nn.Dense(c, use_bias=qkv_bias, dtype=dtype, name="to_q")(x)
+    k, v = (nn.Dense(c, use_bias=qkv_bias, dtype=dtype, name=n)(context) for n in ("to_k", "to_v"))
+    return nn.Dense(c, dtype=dtype, name="to_out_0")(attention(q, k, v, heads))
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over spatial positions with a residual, diffusers' ``Attention`` with a group norm."""
 
@@ -101,9 +113,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x):
         b, hgt, wid, c = x.shape
         h = group_norm(self.groups, self.eps, "group_norm", self.dtype)(x).reshape(b, hgt * wid, c)
-        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
-        out = attention(q, k, v, c // self.head_dim)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out).reshape(b, hgt, wid, c)
+        out = multi_head_attention(h, h, c // self.head_dim, True, self.dtype).reshape(b, hgt, wid, c)
         return (out + x) / self.output_scale_factor
 
 

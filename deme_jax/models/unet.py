@@ -1,4 +1,5 @@
-"""UNet2D: the noise-prediction network of diffusers' ``UNet2DModel`` in Flax.
+"""UNet2D: the noise-prediction network of diffusers' ``UNet2DModel`` in Flax, and the
+blocks and skeleton (``UNet``) that the text-conditioned ``UNet2DCondition`` shares.
 
 Fields and submodule names follow diffusers, so that a diffusers ``config.json``
 builds the same network (``UNet2D(**fields)``) and a PyTorch state dict maps onto
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -25,15 +25,18 @@ from deme_jax.models.layers import (
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+PLAIN_BLOCK_TYPES = ("DownBlock2D", "UpBlock2D")  # without attention, in every UNet
 
 
 class DownBlock2D(nn.Module):
-    """``DownBlock2D`` / ``AttnDownBlock2D``: returns the output and the skip tensors."""
+    """``DownBlock2D``: resnets, each followed by ``attend``, then a downsampler; returns the output and the skips.
+
+    Plain resnets here; subclasses attend after each resnet (``AttnDownBlock2D``,
+    ``CrossAttnDownBlock2D``). ``context`` is what a subclass attends to.
+    """
 
     out_channels: int
     num_layers: int
-    attention: bool
-    head_dim: int
     groups: int
     eps: float
     dropout: float
@@ -42,14 +45,16 @@ class DownBlock2D(nn.Module):
     channel_projection: bool
     dtype: jnp.dtype = jnp.float32
 
+    def attend(self, h, j: int, context):
+        return h
+
     @nn.compact
-    def __call__(self, h, temb, train: bool = False):
+    def __call__(self, h, temb, context=None, train: bool = False):
         ch, g, eps, dt = self.out_channels, self.groups, self.eps, self.dtype
         skips = []
         for j in range(self.num_layers):
             h = ResnetBlock2D(ch, g, eps, self.dropout, dtype=dt, name=f"resnets_{j}")(h, temb, train)
-            if self.attention:
-                h = AttentionBlock(self.head_dim, g, eps, dtype=dt, name=f"attentions_{j}")(h)
+            h = self.attend(h, j, context)
             skips.append(h)
         if self.downsample:
             h = Downsample2D(self.downsample_padding, dt, name="downsamplers_0")(h)
@@ -59,38 +64,58 @@ class DownBlock2D(nn.Module):
         return h, skips
 
 
-class MidBlock2D(nn.Module):
-    """``UNetMidBlock2D``: resnet, optional attention, resnet."""
+class AttnDownBlock2D(DownBlock2D, kw_only=True):
+    """``AttnDownBlock2D``: self-attention after each resnet."""
+
+    head_dim: int
+
+    def attend(self, h, j: int, context):
+        return AttentionBlock(self.head_dim, self.groups, self.eps, dtype=self.dtype, name=f"attentions_{j}")(h)
+
+
+class MidBlock(nn.Module):
+    """What diffusers' mid blocks share: resnet, ``attend``, resnet."""
 
     groups: int
-    attn_groups: int
     eps: float
     dropout: float
-    attention: bool
-    head_dim: int
     output_scale_factor: float
     channel_projection: bool
     dtype: jnp.dtype = jnp.float32
 
+    def attend(self, h, j: int, context):
+        raise NotImplementedError
+
     @nn.compact
-    def __call__(self, h, temb, train: bool = False):
+    def __call__(self, h, temb, context=None, train: bool = False):
         ch, g, eps, s, dt = h.shape[-1], self.groups, self.eps, self.output_scale_factor, self.dtype
         h = ResnetBlock2D(ch, g, eps, self.dropout, s, dt, name="resnets_0")(h, temb, train)
-        if self.attention:
-            h = AttentionBlock(self.head_dim, self.attn_groups, eps, s, dt, name="attentions_0")(h)
+        h = self.attend(h, 0, context)
         h = ResnetBlock2D(ch, g, eps, self.dropout, s, dt, name="resnets_1")(h, temb, train)
         if self.channel_projection:
             h = ChannelProjection(name="channel_projection")(h)
         return h
 
 
+class MidBlock2D(MidBlock, kw_only=True):
+    """``UNetMidBlock2D``: resnet, optional self-attention, resnet."""
+
+    attn_groups: int
+    attention: bool
+    head_dim: int
+
+    def attend(self, h, j: int, context):
+        if not self.attention:
+            return h
+        return AttentionBlock(self.head_dim, self.attn_groups, self.eps, self.output_scale_factor, self.dtype,
+                              name=f"attentions_{j}")(h)
+
+
 class UpBlock2D(nn.Module):
-    """``UpBlock2D`` / ``AttnUpBlock2D``: concatenates ``[h, skip]`` before each resnet."""
+    """``UpBlock2D``: concatenates ``[h, skip]`` before each resnet, each followed by ``attend``, then upsamples."""
 
     out_channels: int
     num_layers: int
-    attention: bool
-    head_dim: int
     groups: int
     eps: float
     dropout: float
@@ -98,14 +123,16 @@ class UpBlock2D(nn.Module):
     channel_projection: bool
     dtype: jnp.dtype = jnp.float32
 
+    def attend(self, h, j: int, context):
+        return h
+
     @nn.compact
-    def __call__(self, h, skips, temb, train: bool = False):
+    def __call__(self, h, skips, temb, context=None, train: bool = False):
         ch, g, eps, dt = self.out_channels, self.groups, self.eps, self.dtype
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip], axis=-1)
             h = ResnetBlock2D(ch, g, eps, self.dropout, dtype=dt, name=f"resnets_{j}")(h, temb, train)
-            if self.attention:
-                h = AttentionBlock(self.head_dim, g, eps, dtype=dt, name=f"attentions_{j}")(h)
+            h = self.attend(h, j, context)
         if self.upsample:
             h = Upsample2D(dt, name="upsamplers_0")(h)
         if self.channel_projection:
@@ -113,7 +140,77 @@ class UpBlock2D(nn.Module):
         return h
 
 
-class UNet2D(nn.Module):
+class AttnUpBlock2D(UpBlock2D, kw_only=True):
+    """``AttnUpBlock2D``: self-attention after each resnet."""
+
+    head_dim: int
+
+    def attend(self, h, j: int, context):
+        return AttentionBlock(self.head_dim, self.groups, self.eps, dtype=self.dtype, name=f"attentions_{j}")(h)
+
+
+BLOCK_CLASSES = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D, "UNetMidBlock2D": MidBlock2D,
+                 "UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
+
+
+class UNet(nn.Module):
+    """What diffusers' UNets share: time embedding, ``conv_in``, down blocks collecting skips, mid block, up blocks
+    consuming them, norm-silu-``conv_out``. Subclasses declare the fields read here and map block types to classes."""
+
+    def block_class(self, kind: str) -> type[nn.Module]:
+        """The class of diffusers block type ``kind``."""
+        raise NotImplementedError
+
+    def attention_fields(self, level: int) -> dict:
+        """The settings of an attention block at resolution ``level``."""
+        raise NotImplementedError
+
+    def mid_block(self) -> nn.Module:
+        raise NotImplementedError
+
+    def block(self, kind: str, level: int, **fields) -> nn.Module:
+        if kind not in PLAIN_BLOCK_TYPES:
+            fields.update(self.attention_fields(level))
+        return self.block_class(kind)(groups=self.norm_num_groups, eps=self.norm_eps, dropout=self.dropout,
+                                      channel_projection=self.channel_projection, dtype=self.dtype, **fields)
+
+    def down_block(self, i: int) -> nn.Module:
+        return self.block(self.down_block_types[i], i, out_channels=self.block_out_channels[i],
+                          num_layers=self.layers_per_block, downsample=i < len(self.block_out_channels) - 1,
+                          downsample_padding=self.downsample_padding, name=f"down_blocks_{i}")
+
+    def up_block(self, i: int) -> nn.Module:
+        level = len(self.block_out_channels) - 1 - i
+        return self.block(self.up_block_types[i], level, out_channels=self.block_out_channels[level],
+                          num_layers=self.layers_per_block + 1, upsample=level > 0, name=f"up_blocks_{i}")
+
+    def unet(self, x, t, context, train: bool):
+        """The prediction for NHWC ``x``, timesteps ``t`` (shape ``(batch,)`` or scalar) and ``context``."""
+        chans, dt = self.block_out_channels, self.dtype
+        if self.center_input_sample:
+            x = 2 * x - 1.0
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        temb = timestep_embedding(t, chans[0], self.flip_sin_to_cos, self.freq_shift)
+        temb = TimestepEmbedding(self.time_embedding_dim or 4 * chans[0], dt, name="time_embedding")(temb)
+
+        h = conv3x3(chans[0], "conv_in", dt)(x.astype(dt))
+        skips = [h]
+        for i in range(len(chans)):
+            h, block_skips = self.down_block(i)(h, temb, context, train)
+            skips += block_skips
+
+        h = self.mid_block()(h, temb, context, train)
+
+        n = self.layers_per_block + 1
+        for i in range(len(chans)):
+            block_skips, skips = skips[-n:][::-1], skips[:-n]
+            h = self.up_block(i)(h, block_skips, temb, context, train)
+
+        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out", dt)(h))
+        return conv3x3(self.out_channels, "conv_out", dt)(h).astype(jnp.float32)
+
+
+class UNet2D(UNet):
     """diffusers' ``UNet2DModel`` (positional timestep embedding, conv up/down sampling).
 
     ``attention_head_dim=None`` means one head spanning all channels of a block, as
@@ -152,40 +249,18 @@ class UNet2D(nn.Module):
     def head_dim(self, channels: int) -> int:
         return channels if self.attention_head_dim is None else self.attention_head_dim
 
+    def block_class(self, kind: str) -> type[nn.Module]:
+        return BLOCK_CLASSES[kind]
+
+    def attention_fields(self, level: int) -> dict:
+        return dict(head_dim=self.head_dim(self.block_out_channels[level]))
+
+    def mid_block(self) -> nn.Module:
+        return self.block("UNetMidBlock2D", -1, attn_groups=self.attn_norm_num_groups or self.norm_num_groups,
+                          attention=self.add_attention, output_scale_factor=self.mid_block_scale_factor,
+                          name="mid_block")
+
     @nn.compact
     def __call__(self, x, t, train: bool = False):
-        chans, groups, eps, dt = self.block_out_channels, self.norm_num_groups, self.norm_eps, self.dtype
-        common = dict(groups=groups, eps=eps, dropout=self.dropout, channel_projection=self.channel_projection, dtype=dt)
-        if self.center_input_sample:
-            x = 2 * x - 1.0
-        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        temb = timestep_embedding(t, chans[0], self.flip_sin_to_cos, self.freq_shift)
-        temb = TimestepEmbedding(self.time_embedding_dim or 4 * chans[0], dt, name="time_embedding")(temb)
+        return self.unet(x, t, None, train)
 
-        h = conv3x3(chans[0], "conv_in", dt)(x.astype(dt))
-        skips = [h]
-        last = len(chans) - 1
-        for i, (kind, ch) in enumerate(zip(self.down_block_types, chans)):
-            block = DownBlock2D(
-                ch, self.layers_per_block, kind == "AttnDownBlock2D", self.head_dim(ch),
-                downsample=i < last, downsample_padding=self.downsample_padding, name=f"down_blocks_{i}", **common,
-            )
-            h, block_skips = block(h, temb, train)
-            skips += block_skips
-
-        h = MidBlock2D(
-            attn_groups=self.attn_norm_num_groups or groups, attention=self.add_attention,
-            head_dim=self.head_dim(chans[-1]), output_scale_factor=self.mid_block_scale_factor,
-            name="mid_block", **common,
-        )(h, temb, train)
-
-        n = self.layers_per_block + 1
-        for i, (kind, ch) in enumerate(zip(self.up_block_types, reversed(chans))):
-            block_skips, skips = skips[-n:][::-1], skips[:-n]
-            block = UpBlock2D(
-                ch, n, kind == "AttnUpBlock2D", self.head_dim(ch), upsample=i < last, name=f"up_blocks_{i}", **common
-            )
-            h = block(h, block_skips, temb, train)
-
-        h = nn.silu(group_norm(groups, eps, "conv_norm_out", dt)(h))
-        return conv3x3(self.out_channels, "conv_out", dt)(h).astype(jnp.float32)
