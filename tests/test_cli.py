@@ -61,7 +61,7 @@ def test_sample_names_a_missing_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--model", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
-    assert re.search(r"deme sample: No diffusers UNet found at .*nowhere", capsys.readouterr().err)
+    assert re.search(r"deme sample: No model at .*nowhere", capsys.readouterr().err)
 
 
 def test_training_workdir_exports_its_ema_weights_and_samples(tmp_path):

@@ -3,13 +3,17 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
 from safetensors.numpy import load_file
 
 from deme_jax import text2image
+from deme_jax.cli import main
+from deme_jax.images import to_uint8
 from deme_jax.interop import load_diffusers_model, load_stable_diffusion, save_stable_diffusion
 from tests.sd_util import tiny_pipeline
 
@@ -72,26 +76,26 @@ def test_without_guidance_matches(sd):
 
 
 def weights_of(directory):
-    """Every safetensors file's tensors; text encoder keys under ``text_model.``, the layout transformers 4 wrote
-    and every version reads (transformers 5 writes a fresh model without the prefix)."""
-    weights = {}
-    for path in sorted(directory.rglob("*.safetensors")):
-        name = path.relative_to(directory).as_posix()
-        prefix = "text_model." if name.startswith("text_encoder/") else ""
-        weights[name] = {k if k.startswith(prefix) else prefix + k: v for k, v in load_file(path).items()}
-    return weights
+    """Every safetensors file's tensors; text encoder keys without ``text_model.`` (transformers 4 wrote it, as we
+    do, and every version reads it; transformers 5 writes a fresh model without it)."""
+    return {path.relative_to(directory).as_posix(): {k.removeprefix("text_model."): v for k, v in
+                                                      load_file(path).items()}
+            for path in sorted(directory.rglob("*.safetensors"))}
+
+
+def assert_same_weights(original, written):
+    assert original.keys() == written.keys()
+    for name, tensors in original.items():
+        assert tensors.keys() == written[name].keys(), name
+        for key, value in tensors.items():
+            assert value.dtype == written[name][key].dtype and np.array_equal(value, written[name][key]), key
 
 
 def test_save_is_bit_identical_and_loads_in_diffusers(sd, tmp_path):
     pipe, path = sd
     pipeline = load_stable_diffusion(path)
     saved = save_stable_diffusion(pipeline, tmp_path / "saved")
-    original, written = weights_of(path), weights_of(saved)
-    assert original.keys() == written.keys()
-    for name, tensors in original.items():
-        assert tensors.keys() == written[name].keys(), name
-        for key, value in tensors.items():
-            assert value.dtype == written[name][key].dtype and np.array_equal(value, written[name][key]), key
+    assert_same_weights(weights_of(path), weights_of(saved))
     reloaded = StableDiffusionPipeline.from_pretrained(saved, safety_checker=None)
     latents = latents_for(seed=3)
     assert np.array_equal(diffusers_images(reloaded, "ddim", latents), diffusers_images(pipe, "ddim", latents))
@@ -157,3 +161,30 @@ def test_shape_mismatch_names_the_key(sd, tmp_path):
 def test_empty_prompt_list(sd):
     with pytest.raises(ValueError, match="at least one prompt"):
         text2image.generate(load_stable_diffusion(sd[1]), [], num_inference_steps=2)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_convert_to_orbax_and_back_is_bit_identical(sd, tmp_path, component):
+    main(["convert", str(sd[1] / component), str(tmp_path / "orbax")])
+    main(["convert", str(tmp_path / "orbax"), str(tmp_path / "back")])
+    assert_same_weights(weights_of(sd[1] / component), weights_of(tmp_path / "back"))
+
+
+def test_sample_command_writes_the_images_and_a_grid(sd, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog on a skateboard\n")
+    main(["sample", "--model", str(sd[1]), "--prompt", "a red cube", "--prompts", str(tmp_path / "prompts.txt"),
+          "--steps", "3", "--sampler", "dpmpp_2m", "--batch-size", "2", "--out", str(tmp_path / "grid.png")])
+    written = sorted((tmp_path / "grid").glob("*.png"))
+    assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png"]
+    assert (tmp_path / "grid.png").is_file()
+    assert (tmp_path / "grid" / "prompts.txt").read_text().splitlines()[2] == "00002.png\ta dog on a skateboard"
+    second_batch = text2image.generate(load_stable_diffusion(sd[1]), ["a dog on a skateboard", ""],
+                                       num_inference_steps=3, scheduler="dpmpp_2m",
+                                       rng=jax.random.fold_in(jax.random.key(0), 1))
+    assert np.array_equal(np.asarray(Image.open(written[2])), to_uint8(second_batch[0] * 2 - 1))
+
+
+def test_sample_command_refuses_a_pixel_sampler_for_prompts(sd, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", str(sd[1]), "--prompt", "a cat", "--sampler", "ddpm"])
+    assert exit_info.value.code == 2 and "dpmpp_2m" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM, DPM-Solver++)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    parser.add_argument("--num-images", type=int, default=16, help="images (per prompt, with --prompt)")
+    parser.add_argument("--num-images", type=int, help="images (default 16), or images per prompt (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png", help="the grid; with prompts, the images go to a "
                                                              "directory of the same name without the suffix")
@@ -46,10 +46,11 @@ def run(args) -> None:
               "pass a diffusers directory or an orbax checkpoint with --model)")
     schedule = interop.load_schedule(args.scheduler or args.model)
     size = model.sample_size or 32
+    num_images = args.num_images or 16
     rng_noise, rng_steps = jax.random.split(jax.random.key(args.seed))
-    noise = jax.random.normal(rng_noise, (args.num_images, size, size, model.in_channels))
+    noise = jax.random.normal(rng_noise, (num_images, size, size, model.in_channels))
     n_params = sum(np.size(p) for p in jax.tree_util.tree_leaves(params))
-    print(f"{args.sampler.upper()} sampling {args.num_images} images of {size}x{size} with a "
+    print(f"{args.sampler.upper()} sampling {num_images} images of {size}x{size} with a "
           f"{n_params / 1e6:.1f}M-parameter UNet on {jax.devices()[0].platform}...")
     start = time.perf_counter()
     images = jax.block_until_ready(diffusion.sample(
@@ -64,7 +65,7 @@ def read_prompts(args) -> list[str]:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts} holds no prompt (one per line).")
-    return [p for p in prompts for _ in range(args.num_images)]
+    return [p for p in prompts for _ in range(args.num_images or 1)]
 
 
 def run_text_to_image(args) -> None:

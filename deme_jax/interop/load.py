@@ -92,8 +92,13 @@ def load_model(path: str | Path):
     if is_orbax_model(path):
         return load_orbax_model(path)
     path = Path(path)
-    has_unet = not (path / "config.json").is_file() and (path / "unet" / "config.json").is_file()
-    return load_diffusers_model(path / "unet" if has_unet else path)  # a pipeline directory gives its UNet
+    if (path / "config.json").is_file() or path.is_file():
+        return load_diffusers_model(path)
+    if (path / "unet" / "config.json").is_file():  # a pipeline directory gives its UNet
+        return load_diffusers_model(path / "unet")
+    raise FileNotFoundError(f"No model at {path}: expected a diffusers or transformers model directory "
+                            "(config.json and its safetensors weights), a pipeline directory (unet/config.json), "
+                            "an orbax export of ours (params/ and model_config/) or a training workdir.")
 
 
 def load_schedule(path: str | Path | None) -> NoiseSchedule:
