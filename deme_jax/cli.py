@@ -11,6 +11,8 @@ from deme_jax.xla_cpu import use_all_cores_for_convolutions
 # name -> (module in deme_jax.commands, help). Config commands take --config=FILE --workdir=DIR.
 CONFIG_COMMANDS = {
     "pretrain": ("pretrain", "train a DDPM (config.model) on config.data"),
+    "cache-latents": ("cache_latents", "encode config.data's image-caption pairs once with the VAE and text encoder "
+                                       "of config.deme.pretrained (Stable Diffusion)"),
     "finetune": ("finetune", "train DeMe replicas from config.deme.pretrained"),
     "merge": ("merge", "merge a finetuning workdir's replicas into one model"),
     "evaluate": ("evaluate", "sample a workdir's model and score it (FID, FD-MNIST)"),

@@ -31,6 +31,26 @@ def data_config() -> ml_collections.ConfigDict:
         image_size=32,
         channels=1,  # 1 (grayscale) or 3 (RGB); images are converted to it
         random_flip=False,  # random horizontal flips (CIFAR-10, LSUN); not for digits
+        # Image-caption pairs (Stable Diffusion, `deme cache-latents`): name="folder" reads a caption per image from
+        # the folder's captions.jsonl ({"file_name": ..., "text": ...} per line), else name.txt beside name.jpg; a
+        # TFDS name reads `image` and the first caption of `caption_feature` ("coco_captions"). image_size is then
+        # the resolution in pixels: images are resized on the shorter side (bilinear, as diffusers' training
+        # scripts) and cropped to it, and converted to RGB whatever `channels` says.
+        caption_feature="captions",
+        center_crop=True,  # False: a random crop per image, drawn once when caching (stream `cache_crop`)
+        upscale=False,  # an image smaller than image_size stops caching, naming it (True: upscaled)
+        caption_dropout=0.1,  # finetuning: a row's text states are the empty caption's with this probability (CFG)
+    ))
+
+
+def cache_config() -> ml_collections.ConfigDict:
+    """``config.cache``: `deme cache-latents` encodes config.data's pairs once with the VAE and text encoder of
+    config.deme.pretrained; Stable Diffusion finetuning reads the cache and runs neither."""
+    return ml_collections.ConfigDict(dict(
+        dir="",  # "" = WORKDIR/latent_cache; each split in a subdirectory of its name (train/, heldout/, ...)
+        shard_size=1024,  # examples per shard; a killed run resumes after its last complete shard
+        batch_size=16,  # images per VAE and text-encoder call
+        dtype="float32",  # of the stored posterior mean and std and text states; "float16" halves the disk
     ))
 
 
@@ -162,8 +182,14 @@ def deme_config() -> ml_collections.ConfigDict:
     config.deme = ml_collections.ConfigDict(dict(
         pretrained="",  # orbax model checkpoint, diffusers directory or training workdir (its EMA weights)
         num_replicas=4,  # N; 1 is plain finetuning
-        partition="uniform",  # "uniform", "explicit" (boundaries) or "log_snr" (equal ranges of log-SNR)
-        boundaries=placeholder(tuple),  # [0, b1, ..., T] for "explicit"
+        # "uniform", "explicit" (boundaries), "log_snr" (equal ranges of log-SNR) or "conflict": the N runs of
+        # `conflict_bins` equal bins whose gradients (the pretrained model's, as `deme analyze` measures them with
+        # config.analyze's images, batches and seed) are most alike, chosen once and kept in DIR/partition.json.
+        partition="uniform",
+        boundaries=placeholder(tuple),  # [0, b1, ..., T] for "explicit" (a "conflict" run records its own here)
+        # K fine bins of [0, T) for partition="conflict", K >= N; measuring costs K backward passes per batch and
+        # holds K gradients (K copies of the parameters) in memory.
+        conflict_bins=20,
         global_prob=0.3,  # p: a batch samples all of [0, T) with this probability
         consistency_weight=1.0,  # lambda of mse(student, frozen pretrained); 0 drops the teacher
         channel_projection=True,  # identity-initialised 1x1 projections after every block
@@ -176,11 +202,22 @@ def deme_config() -> ml_collections.ConfigDict:
     ))
     config.merge = ml_collections.ConfigDict(dict(
         method="task_arithmetic",  # "task_arithmetic", "ties" or "dare"
-        search="grid",  # "grid" (every combination of `weight_values`), "coordinate" (descent), or "none" (`weights`)
-        weight_values=(0.0, 0.25, 0.5, 0.75, 1.0),  # candidate values of each weight
+        # "grid" (every combination of `weight_values`), "coordinate" (descent), "gradient" (Adam on the held-out
+        # loss of the merged model, through the merge) or "none" (`weights`).
+        search="grid",
+        weight_values=(0.0, 0.25, 0.5, 0.75, 1.0),  # candidate values of each weight (grid, coordinate)
         weights=placeholder(tuple),  # fixed weights for search="none"
         init=0.25,  # coordinate descent's starting weight for every replica
         max_rounds=3,  # coordinate descent rounds
+        # search="gradient": it fits on the first 1 - stop_fraction of the config.eval.num_images held-out images
+        # and stops early on the rest (neither is the data a report scores on).
+        granularity="replica",  # "replica" (N weights) or "block" (N x the parameters' top-level entries: blocks)
+        penalty_target="uniform",  # the start and the pull: "uniform" (every weight 1/N) or "grid" (the grid's best)
+        penalty=0.0,  # >= 0: adds penalty * mean((w - start) ** 2) to the mean relative loss
+        max_steps=200,  # Adam steps at most
+        lr=0.01,  # Adam's learning rate on the weights
+        patience=20,  # stop after this many steps without a new lowest loss on the held-back images
+        stop_fraction=0.5,  # of the held-out images, held back from the fit for early stopping
         # The score: per-interval held-out loss relative to the pretrained model's, or "fd_mnist" / "fid" of
         # samples (config.evaluate's sampler and sample count).
         metric="heldout_loss",
@@ -192,6 +229,7 @@ def deme_config() -> ml_collections.ConfigDict:
     # The reference: AdamW lr 5e-5 constant without warm-up, betas (0.95, 0.999), weight decay 1e-6, clip 1.0.
     config.optim.update(dict(lr=5e-5, schedule="constant", warmup_steps=0, b1=0.95, b2=0.999, eps=1e-8,
                              weight_decay=1e-6, grad_clip=1.0))
+    config.cache = cache_config()
     return config
 
 

@@ -10,14 +10,16 @@ stream changes no other.
 |---|---|
 | ``params`` | the initial weights of a model trained from scratch |
 | ``train`` (replica i) | each step's timesteps, noise and dropout (the step is folded in by the train step) |
-| ``data`` (replica i) | the order and flips of the training batches |
+| ``data`` (replica i) | the order and flips of the training batches; a latent cache's samples, caption dropout |
+| ``cache_crop`` | `deme cache-latents` with `center_crop=False`: each image's crop, drawn once |
 | ``heldout_noise`` | the noise of the held-out loss logged during training |
 | ``sample_noise`` | the initial noise of the sample grids logged during training |
 | ``merge_heldout`` | the noise of the merge search's held-out loss |
+| ``merge_stop`` | the noise of the gradient merge search's early-stopping loss |
 | ``dare`` | DARE's random drop masks |
 | ``eval_noise`` (repeat k) | `deme evaluate`: the initial noise of repeat k (from config.evaluate.seed) |
 | ``report_noise`` (draw k) | the demo: the noise of held-out loss draw k of its report |
-| ``gradient_conflict`` | `deme analyze`, the demo: the images and noise of the interval gradients |
+| ``gradient_conflict`` | `deme analyze`, the demo, a "conflict" partition: the images and noise of the interval gradients |
 | ``directions``, ``landscape`` | `deme analyze`: random plane directions, the landscape's noise |
 
 A pretraining run has one ``train`` and one ``data`` stream (no index); DeMe

@@ -4,9 +4,10 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 
-from deme_jax.commands.demo import COMPARISONS, MODELS, paired_difference, run_demo
+from deme_jax.commands.demo import COMPARISONS, LEARNED, MODELS, paired_difference, run_demo
 from deme_jax.interop import save_diffusers_unet
 from deme_jax.models import UNet2D, init_params
 from tests.metrics_util import read_scalars
@@ -22,21 +23,28 @@ def test_demo_runs_end_to_end_and_reports_every_number(tmp_path):
     report = run_demo(tmp_path / "demo", "test", str(pretrained))
     written = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert written == json.loads(json.dumps(report))
-    for name in MODELS:
-        row = written["models"][name]
+    assert list(written["models"]) == [*MODELS, *LEARNED, "deme_conflict_merged"]  # the test preset compares all
+    for name, row in written["models"].items():
         for metric in ("fid", "fd_mnist"):
             assert math.isfinite(row[metric]["mean"]) and math.isfinite(row[metric]["std"])
         assert len(row["loss_by_interval"]["mean"]) == 4
         assert all(math.isfinite(v) for v in row["loss_by_interval"]["mean"] + row["loss_by_interval"]["std"])
     assert len(written["merge"]["weights"]) == 4 and math.isfinite(written["timing"]["total_s"])
-    assert set(written["timing"]["stages_s"]) == {"deme_finetune", "finetune_n1", "merge", "evaluate", "figures"}
+    assert set(written["timing"]["stages_s"]) == {
+        "deme_finetune", "finetune_n1", "merge", "merge_deme_gradient", "merge_deme_gradient_block",
+        "deme_conflict_finetune", "merge_deme_conflict_merged", "evaluate", "figures"}
     assert len(written["comparisons"]) == 3 * len(COMPARISONS)
     assert all(math.isfinite(c["mean"]) for c in written["comparisons"])
-    for figure in ("samples.png", "gradient_conflict.png", "merge_search.png", "report.md"):
+    assert np.shape(written["merges"]["deme_gradient_block"]["weights"])[0] == 4
+    boundaries = written["conflict_partition"]["boundaries"]
+    assert written["merges"]["deme_conflict_merged"]["partition"] == boundaries and len(boundaries) == 5
+    for figure in ("samples.png", "gradient_conflict.png", "merge_search.png", "conflict_partition.png",
+                   "gradient_search.png", "report.md"):
         assert (tmp_path / "demo" / figure).is_file()
     markdown = (tmp_path / "demo" / "report.md").read_text()
-    assert all(f"| {name} |" in markdown for name in MODELS)
+    assert all(f"| {name} |" in markdown for name in written["models"])
     assert "deme_merged vs finetune_n1, FD-MNIST" in markdown
+    assert "deme_gradient_block vs deme_merged, held-out loss" in markdown and "weights learned per block" in markdown
 
 
 def test_paired_difference_is_a_paired_t_test_at_five_percent():

@@ -56,6 +56,7 @@ def test_first_images_do_not_depend_on_how_many_are_drawn():
     np.testing.assert_array_equal(few, more[:3])
 
 
+@pytest.mark.slow
 def test_fid_on_the_first_samples_only():
     config = eval_config(metrics=("fid",), fid_samples=20)
     scorer = Scorer(config.evaluate, config.data)

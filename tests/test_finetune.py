@@ -201,7 +201,7 @@ def test_merge_weights_of_the_wrong_length_and_other_architectures(pretrained, s
 
 
 @pytest.mark.parametrize("name, layout", [("cifar10_deme", "cifar10"), ("church_deme", "church"),
-                                          ("mnist_deme", "mnist16")])
+                                          ("bedroom_deme", "church"), ("mnist_deme", "mnist16")])
 def test_shipped_deme_configs_are_valid(name, layout, pretrained, tmp_path):
     import importlib
 

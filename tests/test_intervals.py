@@ -1,11 +1,15 @@
 """Timestep partitions and the interval sampler against hand computations."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deme_jax.deme import (
+    conflict_cuts,
+    conflict_partition,
     explicit_partition,
     interval_timesteps,
     log_snr,
@@ -13,6 +17,7 @@ from deme_jax.deme import (
     make_partition,
     replica_timesteps,
     uniform_partition,
+    within_similarity,
 )
 from deme_jax.diffusion import make_schedule
 
@@ -114,6 +119,7 @@ def test_make_partition_rules():
     (dict(rule="log_snr"), "needs alphas_cumprod"),
     (dict(rule="log_snr", alphas_cumprod=np.full(999, 0.5)), "999 entries"),
     (dict(rule="explicit"), "needs boundaries"),
+    (dict(rule="conflict"), "needs boundaries .*conflict_partition"),
     (dict(rule="log_snr", boundaries=CHURCH), "not both"),
     (dict(num_intervals=3, boundaries=CHURCH), "define 4 intervals but num_intervals=3"),
 ])
@@ -131,6 +137,62 @@ def test_make_partition_errors(kwargs, match):
 def test_log_snr_partition_errors(abar, match):
     with pytest.raises(ValueError, match=match):
         log_snr_partition(abar, 2)
+
+
+# Partitions from gradient conflict
+
+
+def blocks_matrix(edges, inside=0.9, outside=0.1):
+    """A similarity matrix with 1 on the diagonal, ``inside`` within each block of ``edges``, else ``outside``."""
+    s = np.full((edges[-1],) * 2, outside)
+    for a, b in zip(edges[:-1], edges[1:]):
+        s[a:b, a:b] = inside
+    np.fill_diagonal(s, 1.0)
+    return s
+
+
+def test_within_similarity_by_hand():
+    s = np.array([[1.0, 0.5, -0.2], [0.5, 1.0, 0.1], [-0.2, 0.1, 1.0]])
+    # bins {0, 1}: (1 + 0.5 + 0.5 + 1) / 2 = 1.5; bin {2}: 1; mean over the 3 bins: 2.5 / 3
+    assert within_similarity(s, [0, 2, 3]) == pytest.approx(2.5 / 3)
+    assert within_similarity(s, [0, 3]) == pytest.approx(s.sum() / 3 / 3)
+    # no similarity between bins: every partition into N intervals scores N / K
+    assert {round(within_similarity(np.eye(6), [0, *c, 6]), 12) for c in itertools.combinations(range(1, 6), 2)} == {
+        0.5}
+
+
+def test_conflict_partition_finds_the_blocks_of_alike_gradients():
+    edges = [0, 3, 5, 11, 12]  # unequal blocks, one a single bin
+    s = blocks_matrix(edges)
+    np.testing.assert_array_equal(conflict_cuts(s, 4), edges)
+    bins = uniform_partition(1200, 12)
+    np.testing.assert_array_equal(conflict_partition(s, bins, 4), [0, 300, 500, 1100, 1200])
+    # fewer intervals than blocks: the two most alike neighbours join (blocks 1 and 2 here)
+    s[3:5, 5:11] = s[5:11, 3:5] = 0.8
+    np.testing.assert_array_equal(conflict_cuts(s, 3), [0, 3, 11, 12])
+
+
+@pytest.mark.parametrize("num_bins", [1, 2, 5, 7])
+def test_conflict_partition_equals_brute_force(num_bins):
+    rng = np.random.default_rng(num_bins)
+    a = rng.uniform(-1, 1, (num_bins, num_bins))
+    s = (a + a.T) / 2
+    np.fill_diagonal(s, 1.0)
+    for n in range(1, num_bins + 1):
+        every = [[0, *c, num_bins] for c in itertools.combinations(range(1, num_bins), n - 1)]
+        best = max(within_similarity(s, cuts) for cuts in every)
+        cuts = conflict_cuts(s, n)
+        assert len(cuts) == n + 1 and cuts[0] == 0 and cuts[-1] == num_bins and np.all(np.diff(cuts) > 0)
+        assert within_similarity(s, cuts) == pytest.approx(best, abs=1e-12)
+
+
+def test_conflict_partition_errors_name_the_problem_and_the_fix():
+    with pytest.raises(ValueError, match=r"K=3 bins cannot make N=4 intervals.*conflict_bins >= num_replicas"):
+        conflict_cuts(np.eye(3), 4)
+    with pytest.raises(ValueError, match=r"similarity matrix of shape \(3, 4\): give the \(K, K\) cosine matrix"):
+        conflict_cuts(np.ones((3, 4)), 2)
+    with pytest.raises(ValueError, match=r"shape \(3, 3\) for 4 bins: give the cosine matrix of these bins"):
+        conflict_partition(np.eye(3), [0, 250, 500, 750, 1000], 2)
 
 
 # Sampler

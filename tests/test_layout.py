@@ -17,9 +17,9 @@ LAYERS = {
                  "text2image", "randomness", "defaults", "assets", "images"},
     "deme": {"train", "merge", "metrics", "interop", "data", "diffusion", "models", "randomness"},
     "interop": {"train", "models", "diffusion", "text2image"},
-    "text2image": {"models", "diffusion", "images"},
+    "text2image": {"models", "diffusion", "data", "images"},  # data: the latent cache's stream is a BatchStream
     "train": {"data", "diffusion", "models", "randomness", "images"},
-    "metrics": {"data", "diffusion", "randomness", "assets", "images"},
+    "metrics": {"data", "diffusion", "models", "interop", "text2image", "randomness", "assets", "images"},
     "analysis": {"diffusion", "models"},
     "merge": set(),
     "diffusion": {"images"},

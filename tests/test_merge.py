@@ -1,11 +1,12 @@
-"""Task vectors, task arithmetic, TIES and DARE on small trees, against hand computations."""
+"""Task vectors, task arithmetic (per replica and per block), TIES and DARE on small trees, against hand
+computations."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deme_jax.merge import merge, task_vectors
+from deme_jax.merge import merge, task_vectors, weight_groups
 
 leaves = jax.tree_util.tree_leaves
 
@@ -58,11 +59,31 @@ def test_task_arithmetic_weights_need_not_sum_to_one():
     assert int(merged["step"]) == 0  # non-float leaves keep base's value
 
 
-@pytest.mark.parametrize("method, options", [
+def test_block_weights_scale_each_top_level_entry_by_hand():
+    assert weight_groups(BASE) == ("conv", "norm", "step")
+    weights = [[1.0, 0.0, 9.0], [0.5, 2.0, 9.0], [0.0, 1.0, 9.0], [0.25, -1.0, 9.0]]  # columns: conv, norm, step
+    merged = merge(BASE, REPLICAS, weights)
+    # kernel: [1 + 1*1 + 0.25*4, 2 + 0.5*2, 3]; norm: [0 + 2*1, -1 + 1*2 - 1*(-2)]; step stays the base's
+    np.testing.assert_allclose(merged["conv"]["kernel"], [3.0, 3.0, 3.0])
+    np.testing.assert_allclose(merged["norm"], [2.0, 3.0])
+    assert int(merged["step"]) == 0
+
+
+METHODS = [
     ("task_arithmetic", {}),
     ("ties", {"density": 0.5, "scale": 0.7}),
     ("dare", {"drop_rate": 0.5, "rng": jax.random.key(3)}),
-])
+]
+
+
+@pytest.mark.parametrize("method, options", METHODS)
+def test_tied_block_weights_are_the_per_replica_merge(method, options):
+    weights = jnp.array([0.1, 0.1, 0.2, 0.5])
+    tied = jnp.repeat(weights[:, None], len(weight_groups(BASE)), axis=1)
+    assert_tree_equal(merge(BASE, REPLICAS, tied, method, **options), merge(BASE, REPLICAS, weights, method, **options))
+
+
+@pytest.mark.parametrize("method, options", METHODS)
 def test_list_and_stacked_agree(method, options):
     weights = jnp.array([0.1, 0.1, 0.2, 0.5])
     assert_tree_equal(merge(BASE, REPLICAS, weights, method, **options),
@@ -197,6 +218,8 @@ def test_dare_expectation_is_task_arithmetic():
 @pytest.mark.parametrize("finetuned, weights, match", [
     (REPLICAS, [0.5, 0.5, 0.5], "got 3 weights for 4 finetuned models"),
     (REPLICAS, [[0.5] * 4], "weights of shape"),
+    (REPLICAS, [[0.5] * 2] * 4, r"weights of shape \(4, 2\): .* shape \(4,\), or one per model and top-level "
+                                r"entry of the tree, shape \(4, 3\)"),
     ([], [], "finetuned is empty"),
     ([{"conv": {"kernel": jnp.zeros(3)}, "norm": jnp.zeros(2)}], [1.0],
      r"finetuned\[0\] lacks the leaf at key path \['step'\]"),

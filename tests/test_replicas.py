@@ -40,6 +40,7 @@ def test_identity_projections_leave_the_pretrained_output_unchanged():
     assert len(kernels) == 2 + 1 + 2  # after each down block, the mid block, each up block
 
 
+@pytest.mark.slow
 def test_map_over_replicas_runs_each_replica_with_its_own_slice():
     """One stacked step on the smallest UNet equals each replica's own step on its own slice."""
     tiny = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -109,6 +110,7 @@ def test_stacked_replicas_equal_replicas_trained_one_at_a_time():
     assert np.linalg.norm(a - b) > 0
 
 
+@pytest.mark.slow
 def test_timestep_weighting_scales_each_example_and_zero_consistency_drops_the_teacher():
     from configs import deme as deme_config
     from deme_jax.deme.finetune import timestep_weight

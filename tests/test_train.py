@@ -155,6 +155,7 @@ def test_two_processes_match_one(uninterrupted, tmp_path):
     assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     config = tiny_config.get_config()
     config.model.dtype = "bfloat16"
@@ -196,6 +197,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
     assert "config.train.batch_size=12 is not divisible by the 8 devices" in proc.stderr
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config.get_config()
     config.train.update(dict(num_steps=4, checkpoint_every=2, eval_every=0, sample_every=0))

@@ -55,21 +55,34 @@ def gradient_conflict(model, params, schedule, batches, boundaries, rng) -> np.n
     return cosine_matrix(total)
 
 
-def plot_conflict(matrix: np.ndarray, boundaries, path) -> None:
+def plot_conflict(matrix: np.ndarray, boundaries, path, partition=None) -> None:
+    """The cosine matrix as a heatmap, each cell written out when there are few; ``partition`` (a subset of
+    ``boundaries``) is drawn as the outlines of its intervals' blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     labels = [f"[{a}, {b})" for a, b in zip(boundaries[:-1], boundaries[1:])]
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    few = len(labels) <= 8
+    size = min(1.2 * len(labels), 9.0)
+    fig, ax = plt.subplots(figsize=(size + 2, size + 1.5))
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title("gradient cosine similarity between timestep intervals")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8 if few else 6)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8 if few else 6)
+    if few:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    title = "gradient cosine similarity between timestep intervals"
+    if partition is not None:
+        edges = [list(boundaries).index(b) for b in partition]
+        for a, b in zip(edges[:-1], edges[1:]):
+            ax.add_patch(Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, edgecolor="black", lw=2))
+        title += "\nboxes: the chosen intervals " + ", ".join(f"[{a}, {b})" for a, b in zip(partition[:-1],
+                                                                                            partition[1:]))
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

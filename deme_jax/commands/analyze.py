@@ -6,6 +6,8 @@ The model is config.analyze.model, else DIR's: for a DeMe finetuning workdir
 its pretrained model, for a training workdir its EMA weights. The landscape's
 directions are the task vectors of the first and last replicas when DIR holds
 replicas ("task_vectors"), else filter-normalised random directions ("random").
+A run with partition="conflict" also gets its fine bins' similarity with the
+intervals it chose drawn on it (analysis/conflict_partition.png).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from absl import logging
 from deme_jax.analysis import filter_normalized_direction, gradient_conflict, landscape, plot_conflict, plot_landscape
 from deme_jax.data import heldout_images, training_batches
 from deme_jax.deme import load_pretrained, load_replicas
+from deme_jax.deme.finetune import PARTITION_FILE
 from deme_jax.diffusion import make_schedule
 from deme_jax.diffusion.timesteps import uniform_partition
 from deme_jax.interop import is_training_workdir, load_model, run_config
@@ -93,6 +96,11 @@ def run(config, workdir: str | Path) -> dict:
             for name, values in zip(["all"] + [f"{a}-{b}" for a, b in zip(boundaries[:-1], boundaries[1:])], grid)
             for i, j in [np.unravel_index(np.argmin(values), values.shape)]],
     }
+    if (workdir / PARTITION_FILE).is_file():
+        chosen = json.loads((workdir / PARTITION_FILE).read_text())
+        plot_conflict(np.asarray(chosen["similarity"]), chosen["bins"], out / "conflict_partition.png",
+                      chosen["boundaries"])
+        summary["conflict_partition"] = chosen["boundaries"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logging.info("wrote %s", out)
     return summary

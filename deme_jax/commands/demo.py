@@ -7,7 +7,11 @@ iterations, merges the replicas with a weight search, builds the timestep
 ensemble, and scores all four models on held-out data: FID (Inception, at a
 sample count that fits the time), FD-MNIST and the held-out loss per interval,
 each over several initial-noise seeds. DIR/report.md, DIR/report.json and
-PNG figures summarise it. ``--preset full`` finetunes about eight times longer.
+PNG figures summarise it. ``--preset full`` finetunes about eight times longer
+and adds the comparison beyond the paper's choices: replicas on the intervals
+chosen from the pretrained model's gradient conflict against the equal ones,
+and merge weights learned by gradient descent (per replica and per block)
+against the grid's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class Preset:
     ddim_steps: int
     weight_values: tuple[float, ...]  # the merge grid, per replica
     heldout_images: int  # the merge search scores on the first half, the report's held-out loss uses the second
+    # Also score deme_gradient and deme_gradient_block (the same replicas, merge weights learned per replica and
+    # per block) and deme_conflict_merged (replicas on the intervals of least gradient conflict).
+    compare: bool = False
+    conflict_bins: int = 20  # K for the conflict partition
 
     @property
     def search_images(self) -> int:
@@ -45,11 +53,11 @@ class Preset:
 
 PRESETS = {
     "test": Preset(replica_steps=3, eval_samples=8, fid_samples=8, num_seeds=2, ddim_steps=3,
-                   weight_values=(0.0, 1.0), heldout_images=32),
+                   weight_values=(0.0, 1.0), heldout_images=32, compare=True, conflict_bins=8),
     "default": Preset(replica_steps=120, eval_samples=300, fid_samples=100, num_seeds=3, ddim_steps=20,
                       weight_values=(0.0, 0.5, 1.0), heldout_images=500),
     "full": Preset(replica_steps=1_000, eval_samples=500, fid_samples=250, num_seeds=3, ddim_steps=25,
-                   weight_values=(0.0, 0.5, 1.0, 1.5), heldout_images=500),
+                   weight_values=(0.0, 0.5, 1.0, 1.5), heldout_images=500, compare=True),
 }
 
 
@@ -74,16 +82,32 @@ def demo_configs(preset: Preset, pretrained: str):
 
     deme = mnist_deme_config()
     deme.deme.pretrained = pretrained
+    deme.deme.conflict_bins = preset.conflict_bins
     deme.train.update(dict(num_steps=preset.replica_steps, eval_every=0, sample_every=0,
                            checkpoint_every=max(preset.replica_steps, 1), log_every=max(preset.replica_steps // 5, 1)))
     deme.eval.num_images = preset.search_images
     deme.merge.update(dict(search="grid", weight_values=preset.weight_values))
+    deme.analyze.update(dict(num_batches=2, num_images=64))  # the gradients of the heatmap and conflict partition
     baseline = deme.copy_and_resolve_references()
     n = deme.deme.num_replicas
     baseline.deme.update(dict(num_replicas=1, consistency_weight=0.0, channel_projection=False, global_prob=0.0))
     baseline.train.update(dict(num_steps=n * preset.replica_steps, checkpoint_every=n * preset.replica_steps,
                                log_every=max(n * preset.replica_steps // 5, 1)))
     return deme, baseline
+
+
+LEARNED = {"deme_gradient": "replica", "deme_gradient_block": "block"}  # model -> granularity of its weights
+
+
+def compare_configs(deme):
+    """The comparison's configs, each a change of ``deme``: ``(conflict partition, {model: learned weights})``."""
+    conflict = deme.copy_and_resolve_references()
+    conflict.deme.partition = "conflict"
+    learned = {}
+    for name, granularity in LEARNED.items():
+        learned[name] = deme.copy_and_resolve_references()
+        learned[name].merge.update(dict(search="gradient", granularity=granularity))
+    return conflict, learned
 
 
 def heldout_loss_by_interval(model, params, schedule, images, partition, seeds: int, seed: int) -> dict:
@@ -110,24 +134,27 @@ def paired_difference(a, b) -> dict:
 
 
 COMPARISONS = (("deme_merged", "finetune_n1"), ("deme_merged", "pretrained"), ("finetune_n1", "pretrained"),
-               ("deme_merged", "ensemble"))
+               ("deme_merged", "ensemble"), ("deme_gradient", "deme_merged"), ("deme_gradient_block", "deme_merged"),
+               ("deme_conflict_merged", "deme_merged"))
 
 
 def compare_models(results: dict) -> list[dict]:
-    """Each pair of COMPARISONS on FID, FD-MNIST and the held-out loss relative to the pretrained model's."""
+    """Each pair of COMPARISONS among ``results`` on FID, FD-MNIST and the held-out loss relative to the
+    pretrained model's."""
     pre = np.asarray(results["pretrained"]["loss_by_interval"]["per_seed"])
     per_seed = {name: {"fid": row["fid"]["per_seed"], "fd_mnist": row["fd_mnist"]["per_seed"],
                        "loss_ratio": (np.asarray(row["loss_by_interval"]["per_seed"]) / pre).mean(1)}
                 for name, row in results.items()}
     return [{"model": a, "against": b, "metric": metric,
              **paired_difference(per_seed[a][metric], per_seed[b][metric])}
-            for a, b in COMPARISONS for metric in ("fid", "fd_mnist", "loss_ratio")]
+            for a, b in COMPARISONS if a in results and b in results for metric in ("fid", "fd_mnist", "loss_ratio")]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", required=True, help="where runs, figures and report.md go")
     parser.add_argument("--preset", choices=("default", "full", "test"), default="default",
-                        help="default: about 10 minutes on 2 CPU cores; full: 10x longer finetuning; test: seconds")
+                        help="default: about 10 minutes on 2 CPU cores; full: 10x longer finetuning and the "
+                             "conflict-partition and learned-weight comparison; test: seconds")
     parser.add_argument("--pretrained", help="the pretrained DDPM (default: the one shipped in deme_jax/assets)")
 
 
@@ -138,6 +165,7 @@ def run(args) -> None:
 
 def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | None = None) -> dict:
     from deme_jax.analysis import gradient_conflict, plot_conflict
+    from deme_jax.deme.finetune import PARTITION_FILE
     from deme_jax.data import heldout_images, training_batches
     from deme_jax.deme import TimestepEnsemble, finetune, load_pretrained, load_replicas, merge_replicas
     from deme_jax.diffusion import make_schedule
@@ -170,17 +198,35 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
         merge_replicas(deme_config, workdir / "deme")
     merge = json.loads((workdir / "deme" / "merge" / "result.json").read_text())
     progress.stage("merge")
+    merged_dirs = {"deme_merged": workdir / "deme" / "merge"}
+    if settings.compare:
+        conflict_config, learned_configs = compare_configs(deme_config)
+        for name, config in learned_configs.items():
+            progress(f"3/6 {name}: the same replicas, merge weights learned per {config.merge.granularity}")
+            merged_dirs[name] = workdir / "deme" / f"merge_{name}"
+            if not (merged_dirs[name] / "result.json").is_file():
+                merge_replicas(config, workdir / "deme", merged_dirs[name])
+            progress.stage(f"merge_{name}")
+        progress(f"3/6 deme_conflict: DeMe on the intervals of least gradient conflict "
+                 f"({conflict_config.deme.conflict_bins} bins)")
+        finetune(conflict_config, workdir / "deme_conflict", gradient_conflict)
+        progress.stage("deme_conflict_finetune")
+        merged_dirs["deme_conflict_merged"] = workdir / "deme_conflict" / "merge"
+        if not (merged_dirs["deme_conflict_merged"] / "result.json").is_file():
+            merge_replicas(conflict_config, workdir / "deme_conflict")
+        progress.stage("merge_deme_conflict_merged")
+    merges = {name: json.loads((path / "result.json").read_text()) for name, path in merged_dirs.items()}
 
     teacher, teacher_params, _, _ = load_pretrained(deme_config)
     student, replicas, partition, _ = load_replicas(workdir / "deme")
     n1_model, n1_params = load_model(workdir / "finetune_n1")
     n1_params = jax.tree_util.tree_map(lambda x: x[0], n1_params)  # its one stacked replica
-    merged_model, merged_params = load_model(workdir / "deme" / "merge" / "orbax")
     models = {"pretrained": (teacher, teacher_params), "finetune_n1": (n1_model, n1_params),
-              "deme_merged": (merged_model, merged_params),
-              "ensemble": (TimestepEnsemble(student, tuple(int(b) for b in partition)), replicas)}
+              "deme_merged": load_model(merged_dirs["deme_merged"] / "orbax"),
+              "ensemble": (TimestepEnsemble(student, tuple(int(b) for b in partition)), replicas),
+              **{name: load_model(path / "orbax") for name, path in merged_dirs.items() if name != "deme_merged"}}
 
-    progress(f"4/6 evaluating 4 models: {settings.eval_samples} samples x {settings.num_seeds} seeds "
+    progress(f"4/6 evaluating {len(models)} models: {settings.eval_samples} samples x {settings.num_seeds} seeds "
              f"(FID on {settings.fid_samples}, FD-MNIST on all), loss per interval on held-out digits "
              f"{settings.search_images}-{settings.heldout_images - 1}")
     schedule = make_schedule(**deme_config.diffusion)
@@ -207,12 +253,19 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
     progress.stage("evaluate")
     progress("5/6 figures: samples from the same noise, gradient conflict, merge-weight search")
     plot_samples(grids, workdir / "samples.png")
-    seed = deme_config.analyze.seed
-    batches = training_batches(deme_config.data, 2, 64, stream_seed(seed, "gradient_conflict"))
+    analyze = deme_config.analyze
+    batches = training_batches(deme_config.data, analyze.num_batches, analyze.num_images,
+                               stream_seed(analyze.seed, "gradient_conflict"))
     conflict = gradient_conflict(teacher, teacher_params, schedule, batches, partition,
-                                 stream_key(seed, "gradient_conflict"))
+                                 stream_key(analyze.seed, "gradient_conflict"))
     plot_conflict(conflict, partition, workdir / "gradient_conflict.png")
     (workdir / "merge_search.png").write_bytes((workdir / "deme" / "merge" / "search.png").read_bytes())
+    conflict_partition = None
+    if settings.compare:
+        conflict_partition = json.loads((workdir / "deme_conflict" / PARTITION_FILE).read_text())
+        plot_conflict(np.asarray(conflict_partition["similarity"]), conflict_partition["bins"],
+                      workdir / "conflict_partition.png", conflict_partition["boundaries"])
+        (workdir / "gradient_search.png").write_bytes((merged_dirs["deme_gradient"] / "search.png").read_bytes())
     progress.stage("figures")
 
     report = {
@@ -222,6 +275,11 @@ def run_demo(workdir: str | Path, preset: str = "default", pretrained: str | Non
         "models": results,
         "merge": {"weights": merge["weights"], "score": merge["score"], "method": merge["method"],
                   "candidates": len(merge["candidates"])},
+        "merges": {name: {key: result.get(key) for key in ("search", "weights", "score", "interval_loss_ratio",
+                                                            "partition", "best_step", "steps")}
+                   for name, result in merges.items()},
+        "conflict_partition": conflict_partition and {key: conflict_partition[key] for key in (
+            "boundaries", "within_similarity", "within_similarity_equal_bins")},
         "comparisons": compare_models(results),
         "gradient_cosine": conflict.tolist(),
         "settings": {**dataclasses.asdict(settings), "search_images": settings.search_images},
@@ -282,8 +340,7 @@ def report_markdown(report: dict) -> str:
         "| model | FID | FD-MNIST | " + " | ".join(f"loss {i} (/ pretrained)" for i in intervals) + " |",
         "|---|---|---|" + "---|" * len(intervals),
     ]
-    for name in MODELS:
-        row = report["models"][name]
+    for name, row in report["models"].items():
         loss = row["loss_by_interval"]
         cells = [f"{m:.4g} ± {s:.2g} ({m / p:.4f})" for m, s, p in zip(loss["mean"], loss["std"], pre)]
         lines.append(f"| {name} | {_cell(row['fid'])} | {_cell(row['fd_mnist'])} | " + " | ".join(cells) + " |")
@@ -307,6 +364,7 @@ def report_markdown(report: dict) -> str:
         "",
         *[comparison_line(c) for c in report["comparisons"]],
         "",
+        *(compare_markdown(report) if report["conflict_partition"] else []),
         "![samples](samples.png)",
         "",
         "![gradient conflict](gradient_conflict.png)",
@@ -315,3 +373,30 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def compare_markdown(report: dict) -> list[str]:
+    """The comparison beyond the paper's choices: what each variant chose and what it cost."""
+    merges, chosen, stages = report["merges"], report["conflict_partition"], report["timing"]["stages_s"]
+    bounds = chosen["boundaries"]
+    lines = [
+        "## Conflict partition and learned merge weights",
+        "",
+        f"- deme_conflict_merged: replicas on {', '.join(f'[{a}, {b})' for a, b in zip(bounds[:-1], bounds[1:]))}, "
+        f"the intervals of least gradient conflict over {report['settings']['conflict_bins']} bins (mean "
+        f"within-interval cosine {chosen['within_similarity']:.3f}; equal intervals "
+        f"{chosen['within_similarity_equal_bins']:.3f}); grid weights {merges['deme_conflict_merged']['weights']}; "
+        f"finetuning {stages['deme_conflict_finetune']:.0f} s, merge {stages['merge_deme_conflict_merged']:.0f} s.",
+    ]
+    for name, granularity in LEARNED.items():
+        m = merges[name]
+        weights = np.round(np.asarray(m["weights"]), 3)
+        shown = weights.tolist()
+        if weights.ndim == 2:
+            shown = f"{weights.shape[1]} blocks; per replica {weights.min(1).tolist()} to {weights.max(1).tolist()}"
+        lines.append(f"- {name}: the same replicas as deme_merged, weights learned per {granularity} ({shown}), kept "
+                     f"at step {m['best_step']} of {m['steps']}; score {m['score']:.4f} on the search digits (grid: "
+                     f"{merges['deme_merged']['score']:.4f}); {stages[f'merge_{name}']:.0f} s "
+                     f"(grid: {stages['merge']:.0f} s).")
+    lines += ["", "![conflict partition](conflict_partition.png)", "", "![learned weights](gradient_search.png)", ""]
+    return lines

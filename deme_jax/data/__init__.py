@@ -1,5 +1,6 @@
 """Training data: random-access sources and resumable, process-sharded batch streams."""
 
+from deme_jax.data.captions import CaptionFolder, Example, TfdsCaptions, fit_caption_image, make_caption_source
 from deme_jax.data.input_pipeline import (
     heldout_images,
     make_source,
@@ -21,10 +22,15 @@ from deme_jax.data.stream import BatchStream, to_model_range
 __all__ = [
     "ArraySource",
     "BatchStream",
+    "CaptionFolder",
+    "Example",
     "FolderSource",
+    "TfdsCaptions",
     "TfdsSource",
+    "fit_caption_image",
     "fit_image",
     "heldout_images",
+    "make_caption_source",
     "make_source",
     "make_stream",
     "mnist_digits",

@@ -196,25 +196,61 @@ def is_heldout(relative_path: str, fraction: float) -> bool:
     return zlib.crc32(relative_path.encode()) / 2**32 < fraction
 
 
-def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
-    """The images that do not decode, with why: all decoded once, in parallel, with progress for large folders."""
+def folder_images(root: str, part: str = "all", heldout_fraction: float = 0.0) -> list[str]:
+    """The png/jpg/jpeg/webp images under ``root``, recursively, in ``part``: their relative paths, sorted."""
+    root_path = Path(root)
+    if not root or not root_path.is_dir():
+        raise ValueError(f"config.data.folder={root!r} is not a directory")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"config.data.heldout_fraction={heldout_fraction} must lie in [0, 1)")
+    if part not in FOLDER_PARTS:
+        raise ValueError(f"config.data.split={part!r}: an image folder has the splits 'train' and 'heldout'")
+    paths = sorted((p.relative_to(root_path).as_posix() for p in root_path.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+    if part != "all":
+        paths = [p for p in paths if is_heldout(p, heldout_fraction) == (part == "heldout")]
+    if not paths:
+        raise ValueError(f"config.data.folder={root!r} holds no {'/'.join(IMAGE_SUFFIXES)} images"
+                         + ("" if part == "all" else f" in its {part} part (heldout_fraction={heldout_fraction})"))
+    return paths
 
-    def check(path: Path) -> str | None:
+
+def scan_images(paths: list[Path]) -> list[tuple[tuple[int, int], str] | str]:
+    """Every image decoded once, in parallel, with progress for large folders: its (size, mode), or why it does not
+    decode."""
+
+    def check(path: Path) -> tuple[tuple[int, int], str] | str:
         try:
             with Image.open(path) as image:
                 image.load()
+                return image.size, image.mode
         except Exception as err:  # PIL reports truncated or foreign files in several error types
             return f"{type(err).__name__}: {err}"
-        return None
 
-    bad, start = [], time.perf_counter()
+    results, start = [], time.perf_counter()
     with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 4)) as pool:
-        for k, (path, error) in enumerate(zip(paths, pool.map(check, paths)), 1):
-            if error:
-                bad.append((path, error))
+        for k, result in enumerate(pool.map(check, paths), 1):
+            results.append(result)
             if len(paths) >= 10_000 and k % (len(paths) // 10) == 0:
                 logging.info("checked %d/%d images (%.0f s)", k, len(paths), time.perf_counter() - start)
-    return bad
+    return results
+
+
+def readable_images(root: str, paths: list[Path], skip_unreadable: bool) -> tuple[list[Path], list[tuple]]:
+    """``paths`` less the images that do not decode, and the (size, mode) of each one kept. An unreadable image stops
+    the run before it trains, naming the file, or (``skip_unreadable``) is left out and counted."""
+    scanned = scan_images(paths)
+    bad = [(path, error) for path, error in zip(paths, scanned) if isinstance(error, str)]
+    if bad and not skip_unreadable:
+        listed = "; ".join(f"{path} ({error})" for path, error in bad[:10])
+        raise ValueError(f"{len(bad)} of the {len(paths)} images in {root} cannot be read: {listed}"
+                         f"{' ...' if len(bad) > 10 else ''}. Remove or repair them, or set "
+                         "config.data.skip_unreadable=True to train without them.")
+    if bad:
+        logging.warning("Skipping %d unreadable images of %d in %s (config.data.skip_unreadable).", len(bad),
+                        len(paths), root)
+    kept = [(path, info) for path, info in zip(paths, scanned) if not isinstance(info, str)]
+    return [path for path, _ in kept], [info for _, info in kept]
 
 
 class FolderSource:
@@ -230,32 +266,8 @@ class FolderSource:
                  skip_unreadable: bool = False):
         check_image_size(image_size)
         check_channels(channels)
-        root_path = Path(root)
-        if not root or not root_path.is_dir():
-            raise ValueError(f"config.data.folder={root!r} is not a directory")
-        if not 0.0 <= heldout_fraction < 1.0:
-            raise ValueError(f"config.data.heldout_fraction={heldout_fraction} must lie in [0, 1)")
-        if part not in FOLDER_PARTS:
-            raise ValueError(f"config.data.split={part!r}: an image folder has the splits 'train' and 'heldout'")
-        paths = sorted((p.relative_to(root_path).as_posix() for p in root_path.rglob("*")
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        if part != "all":
-            paths = [p for p in paths if is_heldout(p, heldout_fraction) == (part == "heldout")]
-        if not paths:
-            raise ValueError(f"config.data.folder={root!r} holds no {'/'.join(IMAGE_SUFFIXES)} images"
-                             + ("" if part == "all" else f" in its {part} part (heldout_fraction={heldout_fraction})"))
-        self.paths = [root_path / p for p in paths]
-        bad = unreadable_images(self.paths)
-        if bad and not skip_unreadable:
-            listed = "; ".join(f"{path} ({error})" for path, error in bad[:10])
-            raise ValueError(f"{len(bad)} of the {len(self.paths)} images in {root} cannot be read: {listed}"
-                             f"{' ...' if len(bad) > 10 else ''}. Remove or repair them, or set "
-                             "config.data.skip_unreadable=True to train without them.")
-        if bad:
-            logging.warning("Skipping %d unreadable images of %d in %s (config.data.skip_unreadable).", len(bad),
-                            len(self.paths), root)
-            unreadable = {path for path, _ in bad}
-            self.paths = [p for p in self.paths if p not in unreadable]
+        paths = [Path(root) / p for p in folder_images(root, part, heldout_fraction)]
+        self.paths, _ = readable_images(root, paths, skip_unreadable)
         self.image_size, self.channels = image_size, channels
         self.shape = (image_size, image_size, channels)
 

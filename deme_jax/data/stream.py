@@ -14,9 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-# Second entropy word of the numpy seeds, so the epoch permutations and the
-# flips draw from unrelated streams.
-_PERMUTATION, _FLIP = 0, 1
+# Second entropy word of the numpy seeds, so the epoch permutations, the
+# flips and the per-row draws of other streams (text2image.latent_cache: latent
+# noise, caption dropout) draw from unrelated streams.
+_PERMUTATION, _FLIP, ROW_DRAWS = 0, 1, 2
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:

@@ -4,6 +4,8 @@ from deme_jax.deme.ensemble import TimestepEnsemble
 from deme_jax.deme.finetune import finetune, load_pretrained, load_replicas
 from deme_jax.deme.intervals import (
     check_global_prob,
+    conflict_cuts,
+    conflict_partition,
     explicit_partition,
     interval_timesteps,
     log_snr,
@@ -11,6 +13,7 @@ from deme_jax.deme.intervals import (
     make_partition,
     replica_timesteps,
     uniform_partition,
+    within_similarity,
 )
 from deme_jax.deme.merging import merge_replicas
 from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
@@ -18,6 +21,8 @@ from deme_jax.deme.objective import deme_loss, uncertainty_weighted_loss
 __all__ = [
     "TimestepEnsemble",
     "check_global_prob",
+    "conflict_cuts",
+    "conflict_partition",
     "deme_loss",
     "explicit_partition",
     "finetune",
@@ -31,4 +36,5 @@ __all__ = [
     "replica_timesteps",
     "uncertainty_weighted_loss",
     "uniform_partition",
+    "within_similarity",
 ]

@@ -9,6 +9,11 @@ with the consistency loss against the frozen pretrained model.
 sharded over a ``replica`` mesh axis; ``mode="sequential"`` trains them one
 after another in ``workdir/replica_<i>`` (for models too big to stack). Both
 compute the same replicas from the same config.
+
+``partition="conflict"`` measures the pretrained model's gradient similarity
+between fine timestep bins once, chooses the intervals from it and keeps both
+in ``workdir/partition.json``; the run's config then carries the boundaries,
+so merging, evaluation and analysis use them as they use any partition.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deme_jax.data import make_source
+from deme_jax.data import make_source, training_batches
 from deme_jax.data.stream import BatchStream
 from deme_jax.deme.ensemble import TimestepEnsemble
-from deme_jax.deme.intervals import PARTITION_RULES, make_partition
+from deme_jax.deme.intervals import PARTITION_RULES, conflict_partition, make_partition, within_similarity
 from deme_jax.deme.objective import uncertainty_reduction
 from deme_jax.deme.replicas import (
     init_replicas,
@@ -39,6 +44,7 @@ from deme_jax.deme.replicas import (
     with_identity_projections,
 )
 from deme_jax.diffusion import ddim_sample, make_schedule, min_snr_weight, p2_weight
+from deme_jax.diffusion.timesteps import uniform_partition
 from deme_jax.interop import load_model, load_run
 from deme_jax.models import model_fields
 from deme_jax.randomness import stream_key, stream_seed
@@ -51,6 +57,7 @@ from deme_jax.train.workdir import open_run
 
 MODES = ("stacked", "sequential")
 WEIGHTINGS = ("none", "min_snr", "p2", "uncertainty")
+PARTITION_FILE = "partition.json"
 
 
 def validate_deme_config(config) -> None:
@@ -68,6 +75,11 @@ def validate_deme_config(config) -> None:
     require(deme.weighting != "uncertainty" or deme.uncertainty_tasks >= 1,
             f"config.deme.uncertainty_tasks={deme.uncertainty_tasks} must be >= 1.")
     require(deme.consistency_weight >= 0, f"config.deme.consistency_weight={deme.consistency_weight} must be >= 0.")
+    if deme.partition == "conflict":
+        T = config.diffusion.num_train_timesteps
+        require(isinstance(deme.conflict_bins, int) and deme.num_replicas <= deme.conflict_bins <= T,
+                f"config.deme.conflict_bins={deme.conflict_bins!r} with num_replicas={deme.num_replicas}: the "
+                f"intervals are unions of whole bins, so give between N={deme.num_replicas} and T={T} bins.")
     require(not (deme.mode == "stacked" and config.mesh.fsdp),
             "config.mesh.fsdp is for one model at a time: use config.deme.mode='sequential' with it.")
 
@@ -80,6 +92,41 @@ def partition_of(config, schedule) -> np.ndarray:
     except ValueError as err:
         raise ConfigError(f"config.deme (num_replicas={deme.num_replicas}, partition={deme.partition!r}, "
                           f"boundaries={deme.boundaries}): {err}") from err
+
+
+def with_conflict_partition(config, workdir, model, params, schedule, interval_similarity):
+    """``config`` with ``deme.boundaries`` the conflict partition: read from ``workdir/partition.json`` when a
+    run there chose it, else chosen from ``interval_similarity(model, params, schedule, batches, bins, rng)`` (the
+    cosine matrix of the bins' gradients, ``deme_jax.analysis.gradient_conflict``) and written there."""
+    path, deme, settings = Path(workdir) / PARTITION_FILE, config.deme, config.analyze
+    if path.is_file():
+        record = json.loads(path.read_text())
+        K, N = len(record["bins"]) - 1, len(record["boundaries"]) - 1
+        require((K, N) == (deme.conflict_bins, deme.num_replicas),
+                f"{path} holds {N} intervals of {K} bins, but config.deme has num_replicas={deme.num_replicas} and "
+                f"conflict_bins={deme.conflict_bins}: finetune in a new workdir, or keep the run's settings.")
+    else:
+        require(interval_similarity is not None,
+                "config.deme.partition='conflict' needs the pretrained model's gradient similarity: run `deme "
+                "finetune`, or pass deme_jax.analysis.gradient_conflict as interval_similarity.")
+        bins = uniform_partition(schedule.num_train_timesteps, deme.conflict_bins)
+        batches = training_batches(config.data, settings.num_batches, settings.num_images,
+                                   stream_seed(settings.seed, "gradient_conflict"))
+        logging.info("conflict partition: gradient similarity of the pretrained model over %d bins", len(bins) - 1)
+        similarity = np.asarray(interval_similarity(model, params, schedule, batches, bins,
+                                                    stream_key(settings.seed, "gradient_conflict")))
+        boundaries = conflict_partition(similarity, bins, deme.num_replicas)
+        record = {"bins": bins.tolist(), "similarity": similarity.tolist(), "boundaries": boundaries.tolist(),
+                  "within_similarity": within_similarity(similarity, np.searchsorted(bins, boundaries)),
+                  "within_similarity_equal_bins": within_similarity(
+                      similarity, uniform_partition(deme.conflict_bins, deme.num_replicas))}
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+    logging.info("conflict partition %s (within-interval similarity %.4f; equal bin counts %.4f)",
+                 record["boundaries"], record["within_similarity"], record["within_similarity_equal_bins"])
+    config.deme.boundaries = tuple(record["boundaries"])
+    return config
 
 
 def timestep_weight(config, schedule):
@@ -167,8 +214,12 @@ def replica_job(config, mesh, parts: dict, stacked: bool) -> Job:
     )
 
 
-def finetune(config, workdir: str | Path):
-    """Finetunes ``config.deme.num_replicas`` replicas in ``workdir`` (resuming); returns their final state(s)."""
+def finetune(config, workdir: str | Path, interval_similarity=None):
+    """Finetunes ``config.deme.num_replicas`` replicas in ``workdir`` (resuming); returns their final state(s).
+
+    ``interval_similarity``: how partition="conflict" measures the gradient
+    similarity of timestep bins (``deme_jax.analysis.gradient_conflict``).
+    """
     validate_deme_config(config)
     teacher, teacher_params, student, student_params = load_pretrained(config)
     config = with_model(config, student)
@@ -176,6 +227,8 @@ def finetune(config, workdir: str | Path):
     mesh = make_mesh(config.mesh.shape if stacked else {"data": config.mesh.shape["data"]}, N)
     validate_config(config, workdir, mesh.shape["data"])
     schedule = make_schedule(**config.diffusion)
+    if config.deme.partition == "conflict" and config.deme.boundaries is None:
+        config = with_conflict_partition(config, workdir, teacher, teacher_params, schedule, interval_similarity)
     partition = partition_of(config, schedule)
     logging.info("DeMe: %d replica(s) on intervals %s, mode %s.", N,
                  [f"[{a}, {b})" for a, b in zip(partition[:-1], partition[1:])], config.deme.mode)

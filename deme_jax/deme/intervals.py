@@ -1,4 +1,5 @@
-"""DeMe's partitions of [0, T) into N replicas' intervals (equal, explicit, log-SNR) and the interval sampler.
+"""DeMe's partitions of [0, T) into N replicas' intervals (equal, explicit, log-SNR, from gradient conflict) and the
+interval sampler.
 
 Partitions are boundary arrays as in ``deme_jax.diffusion.timesteps`` (which
 holds the equal partition and ``interval_index``); replica ``i`` owns the
@@ -16,7 +17,7 @@ import numpy as np
 
 from deme_jax.diffusion.timesteps import check_counts, uniform_partition
 
-PARTITION_RULES = ("uniform", "log_snr", "explicit")
+PARTITION_RULES = ("uniform", "log_snr", "explicit", "conflict")
 
 
 def _format_interval(low, high) -> str:
@@ -110,17 +111,75 @@ def log_snr_partition(alphas_cumprod, num_intervals: int) -> np.ndarray:
     return bounds
 
 
+def within_similarity(similarity, cuts) -> float:
+    """How alike the gradients inside the intervals are: the mean over the K bins of each bin's mean cosine
+    similarity to the bins of its interval (itself included).
+
+    ``cuts`` are N + 1 bin indices ``[0, c1, ..., K]``. Each bin counts once, so
+    without any similarity between bins (the identity matrix) every partition
+    scores N / K: the measure rewards grouping alike bins, not small intervals.
+    """
+    s = np.asarray(similarity, np.float64)
+    return float(sum(s[a:b, a:b].sum() / (b - a) for a, b in zip(cuts[:-1], cuts[1:])) / len(s))
+
+
+def conflict_cuts(similarity, num_intervals: int) -> np.ndarray:
+    """The N + 1 bin indices of the contiguous partition of K bins that maximises ``within_similarity``.
+
+    Exact dynamic programming over (intervals so far, bins covered): O(N K^2).
+    """
+    s = np.asarray(similarity, np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"similarity matrix of shape {s.shape}: give the (K, K) cosine matrix of the K bins' "
+                         "gradients")
+    K = len(s)
+    if not 1 <= num_intervals <= K:
+        raise ValueError(f"K={K} bins cannot make N={num_intervals} intervals: intervals are unions of whole bins, "
+                         "so use at least as many bins as intervals (config.deme.conflict_bins >= num_replicas)")
+    corner = np.zeros((K + 1, K + 1))
+    corner[1:, 1:] = s.cumsum(0).cumsum(1)
+    a, b = np.meshgrid(np.arange(K + 1), np.arange(K + 1), indexing="ij")
+    with np.errstate(divide="ignore", invalid="ignore"):  # value[a, b]: interval of bins [a, b), a < b only
+        value = np.where(a < b, (corner[b, b] - corner[a, b] - corner[b, a] + corner[a, a]) / (b - a), -np.inf)
+    best = np.full((num_intervals + 1, K + 1), -np.inf)
+    best[0, 0] = 0.0
+    start = np.zeros((num_intervals + 1, K + 1), np.int64)
+    for n in range(1, num_intervals + 1):
+        total = best[n - 1][:, None] + value  # [a, b]: n - 1 intervals up to a, then [a, b)
+        start[n], best[n] = total.argmax(0), total.max(0)
+    cuts = [K]
+    for n in range(num_intervals, 0, -1):
+        cuts.append(int(start[n, cuts[-1]]))
+    return np.asarray(cuts[::-1], np.int64)
+
+
+def conflict_partition(similarity, bins, num_intervals: int) -> np.ndarray:
+    """N intervals, each a run of the fine ``bins`` (K + 1 boundaries), whose gradients are most alike
+    (``conflict_cuts`` on the bins' cosine ``similarity``)."""
+    bins = np.asarray(bins)
+    shape = np.shape(similarity)
+    if shape != (len(bins) - 1,) * 2:
+        raise ValueError(f"similarity matrix of shape {shape} for {len(bins) - 1} bins: give the cosine matrix of "
+                         "these bins' gradients, one row and column per bin")
+    return bins[conflict_cuts(similarity, num_intervals)].astype(np.int64)
+
+
 def make_partition(num_timesteps: int, num_intervals: int, rule: str = "uniform", boundaries=None,
                    alphas_cumprod=None) -> np.ndarray:
-    """The partition a config asks for: ``boundaries`` when given, else ``rule``."""
+    """The partition a config asks for: ``boundaries`` when given, else ``rule``.
+
+    ``conflict`` needs its boundaries: they come from the pretrained model's
+    gradients (``conflict_partition``), which `deme finetune` measures once.
+    """
     if rule not in PARTITION_RULES:
         raise ValueError(
             f"rule={rule!r} is not supported; supported values: " + ", ".join(map(repr, PARTITION_RULES))
         )
     check_counts(num_timesteps, num_intervals)
-    if boundaries is not None or rule == "explicit":
+    if boundaries is not None or rule in ("explicit", "conflict"):
         if boundaries is None:
-            raise ValueError("rule='explicit' needs boundaries")
+            how = " (conflict_partition chooses them from the bins' gradient similarity)" if rule == "conflict" else ""
+            raise ValueError(f"rule={rule!r} needs boundaries{how}")
         if rule == "log_snr":
             raise ValueError("give either boundaries or rule='log_snr', not both")
         partition = explicit_partition(num_timesteps, boundaries)

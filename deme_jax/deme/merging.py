@@ -9,6 +9,12 @@ loss (two orders of magnitude larger) would decide alone. ``fd_mnist`` and
 ``fid`` score samples instead (config.evaluate's sampler and sample count, one
 noise seed shared by every candidate): closer to what the paper searched on,
 and far slower.
+
+``search="gradient"`` learns the weights instead of gridding them: the merge
+sits inside the jitted loss, so each Adam step costs one forward and backward
+of the model on the fit images whatever N, and the weights can be per replica
+or per replica and block. It fits on part of the held-out images and stops on
+the rest, so the weights cannot follow one image set's noise for long.
 """
 
 from __future__ import annotations
@@ -25,15 +31,18 @@ from clu import metric_writers
 from deme_jax.data import heldout_images
 from deme_jax.deme.finetune import load_pretrained, load_replicas
 from deme_jax.diffusion import make_schedule, sample_images
+from deme_jax.diffusion.timesteps import interval_index, interval_labels, interval_means, spread_timesteps
 from deme_jax.interop import save_diffusers_unet, save_orbax_model
-from deme_jax.merge import METHODS, merge
-from deme_jax.merge.search import SEARCHES, coordinate_descent, grid_search
+from deme_jax.merge import METHODS, merge, weight_groups
+from deme_jax.merge.search import SEARCHES, coordinate_descent, gradient_search, grid_search
 from deme_jax.metrics.scoring import Scorer, sample_noise
 from deme_jax.randomness import stream_key
-from deme_jax.train.step import make_interval_loss
+from deme_jax.train.step import make_heldout_losses, make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
 METRICS = ("heldout_loss", "fd_mnist", "fid")
+GRANULARITIES = ("replica", "block")
+PENALTY_TARGETS = ("uniform", "grid")
 
 
 def validate_merge_config(merge_config, num_replicas: int) -> None:
@@ -46,12 +55,45 @@ def validate_merge_config(merge_config, num_replicas: int) -> None:
         weights = merge_config.weights
         require(weights is not None and len(weights) == num_replicas,
                 f"config.merge.weights={weights}: give one weight per replica ({num_replicas}) for search='none'.")
-    else:
+    if merge_config.search == "gradient":
+        validate_gradient_search(merge_config)
+    grid = merge_config.search == "grid" or (merge_config.search == "gradient"
+                                             and merge_config.penalty_target == "grid")
+    if grid or merge_config.search == "coordinate":
         require(len(merge_config.weight_values) > 0,
                 "config.merge.weight_values is empty: give the candidate weight values.")
-    if merge_config.search == "grid" and len(merge_config.weight_values) ** num_replicas > 10_000:
-        raise ConfigError(f"config.merge.search='grid' would score {len(merge_config.weight_values)}**{num_replicas} "
-                          "candidates; use search='coordinate' for this many replicas.")
+    if grid and len(merge_config.weight_values) ** num_replicas > 10_000:
+        raise ConfigError(f"config.merge.search={merge_config.search!r} would grid {len(merge_config.weight_values)}**"
+                          f"{num_replicas} candidates; use search='coordinate', or search='gradient' with "
+                          "penalty_target='uniform', for this many replicas.")
+
+
+def validate_gradient_search(merge_config) -> None:
+    require(merge_config.metric == "heldout_loss",
+            f"config.merge.metric={merge_config.metric!r} has no gradient: search='gradient' needs "
+            "metric='heldout_loss' (use search='grid' or 'coordinate' to score samples).")
+    require(merge_config.granularity in GRANULARITIES,
+            f"config.merge.granularity={merge_config.granularity!r}: use one of {list(GRANULARITIES)}.")
+    require(merge_config.penalty_target in PENALTY_TARGETS,
+            f"config.merge.penalty_target={merge_config.penalty_target!r}: use one of {list(PENALTY_TARGETS)}.")
+    require(merge_config.penalty >= 0,
+            f"config.merge.penalty={merge_config.penalty} is negative, which would push the weights away from the "
+            f"{merge_config.penalty_target} start without bound: use 0 (no pull) or a positive value.")
+    require(merge_config.max_steps >= 1 and merge_config.patience >= 1,
+            f"config.merge.max_steps={merge_config.max_steps} and patience={merge_config.patience} must be >= 1.")
+    require(merge_config.lr > 0, f"config.merge.lr={merge_config.lr} must be > 0.")
+    require(0 < merge_config.stop_fraction < 1,
+            f"config.merge.stop_fraction={merge_config.stop_fraction} must lie in (0, 1): the gradient search fits "
+            "on the other held-out images and stops early on these.")
+
+
+def check_covers(num_images: int, partition, what: str) -> None:
+    """Raises unless ``num_images`` spread timesteps put at least one image in every interval of ``partition``."""
+    t = spread_timesteps(num_images, int(partition[-1]))
+    hit = set(np.asarray(interval_index(t, partition)).tolist())
+    empty = [f"[{a}, {b})" for i, (a, b) in enumerate(zip(partition[:-1], partition[1:])) if i not in hit]
+    require(not empty, f"{what}: {num_images} held-out images at evenly spread timesteps leave the interval(s) "
+                       f"{', '.join(empty)} without one; raise config.eval.num_images.")
 
 
 def merge_options(merge_config, seed: int) -> dict:
@@ -81,13 +123,74 @@ def make_score(config, run_config, model, schedule, interval_loss, reference):
     return score
 
 
-def merge_replicas(config, workdir: str | Path):
-    """Searches merge weights for the replicas in ``workdir`` and writes the merged model; returns the result."""
+def make_merged_losses(model, schedule, partition, method: str = "task_arithmetic", **options):
+    """``losses(weights, base, replicas, images, rng, reference) -> (N,)``: the held-out loss per interval of
+    the model merged with ``weights``, over ``reference``; the merge runs inside, so it is differentiable in the
+    weights at the cost of one backward pass of the model."""
+    heldout = make_heldout_losses(model, schedule)
+
+    def losses(weights, base, replicas, images, rng, reference):
+        merged = merge(base, replicas, weights, method, **options)
+        return interval_means(*heldout(merged, images, rng), partition) / reference
+
+    return losses
+
+
+def learn_weights(config, model, schedule, partition, base, replicas, images, writer):
+    """Gradient descent on the merge weights (config.merge.search="gradient"); returns (weights, candidates of
+    the grid it starts from, details)."""
+    settings, N = config.merge, len(partition) - 1
+    num_stop = max(1, round(settings.stop_fraction * len(images)))
+    fit, stop = images[:-num_stop], images[-num_stop:]
+    check_covers(len(fit), partition, f"config.merge.stop_fraction={settings.stop_fraction} (fit images)")
+    check_covers(len(stop), partition, f"config.merge.stop_fraction={settings.stop_fraction} (held-back images)")
+    relative_losses = make_merged_losses(model, schedule, partition, settings.method,
+                                         **merge_options(settings, config.seed))
+    losses = jax.jit(relative_losses)  # the search's held-back loss compiles the same function: compiled once
+
+    def args(images, stream):
+        rng = stream_key(config.seed, stream)  # zero weights merge to the pretrained model: its loss per interval
+        reference = losses(np.zeros(N, np.float32), base, replicas, images, rng, np.ones(N, np.float32))
+        return base, replicas, images, rng, reference
+
+    fit_args, stop_args = args(fit, "merge_heldout"), args(stop, "merge_stop")
+    candidates = []
+    if settings.penalty_target == "grid":
+        score = lambda w: float(np.mean(losses(w, *fit_args)))
+        start, _, candidates = grid_search(score, N, tuple(settings.weight_values))
+    else:
+        start = np.full(N, 1.0 / N, np.float32)
+    groups = weight_groups(base)
+    if settings.granularity == "block":
+        start = np.repeat(start[:, None], len(groups), axis=1)
+    labels = interval_labels(partition)
+
+    def log_step(step, fit_losses, stop_losses):
+        writer.write_scalars(step, {"merge/fit": fit_losses.mean(), "merge/stop": stop_losses.mean(),
+                                    **{f"merge/fit/{k}": v for k, v in zip(labels, fit_losses)},
+                                    **{f"merge/stop/{k}": v for k, v in zip(labels, stop_losses)}})
+        logging.info("merge step %d: relative loss %.5f (fit), %.5f (held back)", step, fit_losses.mean(),
+                     stop_losses.mean())
+
+    weights, best_step, trace = gradient_search(relative_losses, start, fit_args, stop_args, settings.max_steps,
+                                                settings.lr, settings.penalty, settings.patience, log_step)
+    details = {"granularity": settings.granularity, "penalty_target": settings.penalty_target,
+               "penalty": settings.penalty, "start": start.tolist(), "best_step": best_step,
+               "steps": len(trace) - 1, "fit_images": len(fit), "stop_images": len(stop),
+               "trace": [{"fit": f.tolist(), "stop": s.tolist()} for f, s in trace]}
+    if settings.granularity == "block":
+        details["groups"] = list(groups)
+    return weights, candidates, details
+
+
+def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
+    """Searches merge weights for the replicas in ``workdir`` and writes the merged model to ``out`` (default
+    ``workdir/merge``); returns the result."""
     workdir = Path(workdir)
     model, replicas, partition, run_config = load_replicas(workdir)
     N = len(partition) - 1
     validate_merge_config(config.merge, N)
-    out = workdir / "merge"
+    out = Path(out) if out else workdir / "merge"
     for name in ("orbax", "diffusers"):
         if (out / name).exists():
             raise FileExistsError(f"{out / name} exists from an earlier merge: move it away to merge again.")
@@ -99,6 +202,7 @@ def merge_replicas(config, workdir: str | Path):
             "replicas with the model they were finetuned from.")
     schedule = make_schedule(**run_config.diffusion)
     images = heldout_images(run_config.data, config.eval.num_images)
+    check_covers(len(images), partition, f"config.eval.num_images={config.eval.num_images}")
     interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"))
     reference = interval_loss(base)
     options = merge_options(config.merge, config.seed)
@@ -114,12 +218,15 @@ def merge_replicas(config, workdir: str | Path):
         writer.write_scalars(index, {"merge/score": value})
         logging.info("merge candidate %d: weights %s -> score %.5f", index, np.round(weights, 4).tolist(), value)
 
-    values = tuple(config.merge.weight_values)
+    values, details = tuple(config.merge.weight_values), {}
     if config.merge.search == "grid":
         best, best_score, candidates = grid_search(score, N, values, log_candidate)
     elif config.merge.search == "coordinate":
         best, best_score, candidates = coordinate_descent(score, N, values, config.merge.init,
                                                           config.merge.max_rounds, log_candidate)
+    elif config.merge.search == "gradient":
+        best, candidates, details = learn_weights(config, model, schedule, partition, base, replicas, images, writer)
+        best_score = score(best)
     else:
         best = np.asarray(config.merge.weights, np.float32)
         best_score, candidates = score(best), []
@@ -132,13 +239,16 @@ def merge_replicas(config, workdir: str | Path):
         "interval_loss_ratio": (interval_loss(merged) / reference).tolist(),
         "pretrained_interval_loss": reference.tolist(),
         "candidates": [{"weights": list(w), "score": s} for w, s in candidates],
+        **details,
     }
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_orbax_model(model, merged, out / "orbax")
         save_diffusers_unet(model, merged, out / "diffusers")
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if candidates:
+        if details:
+            plot_gradient_search(details["trace"], details["best_step"], partition, out / "search.png")
+        elif candidates:
             plot_search(candidates, pretrained_score, config.merge.metric, out / "search.png")
     writer.flush()
     logging.info("merged with weights %s: %s %.5f (pretrained %.5f) -> %s", best.tolist(), config.merge.metric,
@@ -161,6 +271,32 @@ def plot_search(candidates, pretrained_score: float, metric: str, path: Path) ->
     ax.set_xlabel("candidate")
     ax.set_ylabel("held-out loss / pretrained\n(mean over intervals)" if metric == "heldout_loss" else metric)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gradient_search(trace, best_step: int, partition, path: Path) -> Path:
+    """The held-out loss per interval (relative to the pretrained model's) at every step of the gradient search,
+    on the fit images and on the held-back ones, with the step kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, part, title in zip(axes, ("fit", "stop"), ("fit images", "held-back images (early stopping)")):
+        values = np.array([step[part] for step in trace])
+        for k, (a, b) in enumerate(zip(partition[:-1], partition[1:])):
+            ax.plot(values[:, k], lw=1, label=f"t in [{a}, {b})")
+        ax.plot(values.mean(1), "k-", lw=2, label="mean")
+        ax.axvline(best_step, color="gray", ls="--", lw=0.8, label="kept")
+        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("Adam step")
+    axes[0].set_ylabel("held-out loss / pretrained")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

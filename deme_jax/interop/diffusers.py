@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deme_jax.interop import autoencoder, clip_text, unet, unet_condition
+from deme_jax.interop import autoencoder, clip, clip_text, unet, unet_condition
 from deme_jax.interop.torch_layout import (
     PICKLE_SUFFIXES, load_pretrained, pickle_message, read_config, save_pretrained,
 )
 
-FORMATS = {fmt.CLASS_NAME: fmt for fmt in (unet, unet_condition, autoencoder, clip_text)}
+FORMATS = {fmt.CLASS_NAME: fmt for fmt in (unet, unet_condition, autoencoder, clip_text, clip)}
 FORMAT_OF_MODULE = {fmt.MODEL_CLASS: fmt for fmt in FORMATS.values()}
 # Classes a user may reasonably point us at, and what to do instead.
 UNSUPPORTED = {
@@ -38,8 +38,8 @@ def model_format(config: dict, config_file: Path):
 
 def load_diffusers_model(path: str | Path, variant: str | None = None):
     """``(module, params)`` of a saved diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or ``AutoencoderKL``
-    directory, or a transformers ``CLIPTextModel`` directory; ``variant`` "fp16" reads the half-precision
-    weights (stored as float32 params)."""
+    directory, or a transformers ``CLIPTextModel`` or ``CLIPModel`` directory; ``variant`` "fp16" reads the
+    half-precision weights (stored as float32 params)."""
     path = Path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise ValueError(pickle_message(path, path.with_suffix(".safetensors").name))

@@ -140,7 +140,7 @@ def params_from_state_dict(shapes: dict, state_dict: dict[str, np.ndarray], igno
 
 def state_dict_from_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return {
-        prefix + path_to_torch_key(path): np.ascontiguousarray(flax_to_torch(np.asarray(value), path[-1]))
+        prefix + path_to_torch_key(path): np.asarray(flax_to_torch(np.asarray(value), path[-1]), order="C")
         for path, value in traverse_util.flatten_dict(params).items()
     }
 

@@ -12,9 +12,14 @@ Only floating-point leaves are parameters a task moves. Other leaves (integer
 counters, boolean masks) must still match the base's shape and dtype, their
 task vector is zero and a merge keeps the base's value.
 
+Weights are one per replica (shape (N,)), or one per replica and top-level
+entry of the tree (shape (N, G), the entries in ``weight_groups`` order: for a
+UNet its blocks, time embedding and input and output layers), so that each
+block can take its own share of each task vector.
+
 Everything is ``jax.tree_util`` maps over leaves, so ``merge`` can be jitted
 with ``method`` static; the weights are read as one array, so a jitted merge
-does not recompile for a new weight vector.
+does not recompile for a new weight vector, and it is differentiable in them.
 """
 
 from __future__ import annotations
@@ -118,16 +123,39 @@ def _apply(base, delta):
     return jax.tree_util.tree_map(leaf, base, delta)
 
 
-def _weighted_sum(taus, weights):
+def _entry_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+
+def _leaf_entries(tree) -> list[str]:
+    """The top-level entry that holds each leaf, in leaf order."""
+    return [_entry_name(path[0]) if path else "" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def weight_groups(base) -> tuple[str, ...]:
+    """The names of base's top-level entries, in order: the columns of (N, G) merge weights."""
+    return tuple(dict.fromkeys(_leaf_entries(base)))
+
+
+def _leaf_weights(base, weights):
+    """A tree shaped like base whose every leaf is that leaf's (N,) weights."""
+    if weights.ndim == 1:
+        return jax.tree_util.tree_map(lambda _: weights, base)
+    column = {name: g for g, name in enumerate(weight_groups(base))}
+    treedef = jax.tree_util.tree_structure(base)
+    return jax.tree_util.tree_unflatten(treedef, [weights[:, column[name]] for name in _leaf_entries(base)])
+
+
+def _weighted_sum(taus, leaf_weights):
     """``sum_i w_i tau_i`` over the replica axis, leaf by leaf."""
-    return jax.tree_util.tree_map(lambda t: jnp.tensordot(weights.astype(t.dtype), t, axes=1), taus)
+    return jax.tree_util.tree_map(lambda t, w: jnp.tensordot(w.astype(t.dtype), t, axes=1), taus, leaf_weights)
 
 
 def _float_leaves(base, tree):
     return [t for b, t in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(tree)) if _is_float(b)]
 
 
-def _ties(base, taus, weights, density, scale):
+def _ties(base, taus, leaf_weights, density, scale):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
     Trim: each task vector keeps its ``k = ceil(density * P)`` entries of
@@ -141,19 +169,18 @@ def _ties(base, taus, weights, density, scale):
     """
     if isinstance(density, (int, float)) and not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must lie in (0, 1]")
-    num = weights.shape[0]
+    num = jax.tree_util.tree_leaves(taus)[0].shape[0]
     flat = jnp.concatenate([jnp.abs(t).reshape(num, -1) for t in _float_leaves(base, taus)], axis=1)
     size = flat.shape[1]
     keep = jnp.clip(jnp.ceil(density * size).astype(jnp.int32), 1, size)
     threshold = jnp.sort(flat, axis=1)[:, size - keep]
 
-    def trim(b, t):
+    def trim(b, t, w):
         if not _is_float(b):
             return t
         per_replica = (num,) + (1,) * (t.ndim - 1)
-        w = weights.reshape(per_replica).astype(t.dtype)
-        return jnp.where(jnp.abs(t) >= threshold.reshape(per_replica), t, 0) * w
-    trimmed = jax.tree_util.tree_map(trim, base, taus)
+        return jnp.where(jnp.abs(t) >= threshold.reshape(per_replica), t, 0) * w.reshape(per_replica).astype(t.dtype)
+    trimmed = jax.tree_util.tree_map(trim, base, taus, leaf_weights)
 
     sign_sums = jax.tree_util.tree_map(lambda t: jnp.sign(jnp.sum(t, axis=0)), trimmed)
     majority = jnp.sign(sum(jnp.sum(s) for s in _float_leaves(base, sign_sums)))
@@ -201,7 +228,9 @@ def merge(base, finetuned, weights, method: str = "task_arithmetic", **options):
     ``ties``: TIES-merging, options ``density`` (0.2) and ``scale`` (lambda, 1.0).
     ``dare``: DARE drop-and-rescale of each task vector, then task arithmetic;
     options ``drop_rate`` and ``rng`` (both required).
-    ``weights`` is a length-N sequence or array, one weight per replica.
+    ``weights``: one per replica, shape (N,), or one per replica and top-level
+    entry of base, shape (N, G) in ``weight_groups(base)`` order; tied columns
+    give the per-replica merge.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; supported values: " + ", ".join(map(repr, METHODS)))
@@ -211,17 +240,20 @@ def merge(base, finetuned, weights, method: str = "task_arithmetic", **options):
     opts = {**_OPTIONS[method], **options}
     stacked, num, _ = _stack(base, finetuned)
     weights = jnp.asarray(weights)
-    if weights.ndim != 1:
-        raise ValueError(f"weights of shape {weights.shape}: give one weight per finetuned model, shape ({num},)")
-    if weights.shape[0] != num:
+    groups = len(weight_groups(base))
+    if weights.ndim == 1 and weights.shape[0] != num:
         raise ValueError(f"got {weights.shape[0]} weights for {num} finetuned models; give one weight per model")
+    if weights.ndim not in (1, 2) or weights.shape[0] != num or weights.shape[1:] not in ((), (groups,)):
+        raise ValueError(f"weights of shape {weights.shape}: give one weight per finetuned model, shape ({num},), "
+                         f"or one per model and top-level entry of the tree, shape ({num}, {groups})")
     if not jnp.issubdtype(weights.dtype, jnp.floating):
         weights = weights.astype(jnp.float32)
     taus = _stacked_task_vectors(base, stacked)
+    leaf_weights = _leaf_weights(base, weights)
     if method == "ties":
-        return _ties(base, taus, weights, opts["density"], opts["scale"])
+        return _ties(base, taus, leaf_weights, opts["density"], opts["scale"])
     if method == "dare":
         if opts["drop_rate"] is None:
             raise ValueError("method='dare' needs drop_rate, the probability of dropping each entry")
         taus = _dare(base, taus, opts["drop_rate"], opts["rng"])
-    return _apply(base, _weighted_sum(taus, weights))
+    return _apply(base, _weighted_sum(taus, leaf_weights))

@@ -1,12 +1,13 @@
 """Flax networks: diffusers' UNet2D and Stable Diffusion's conditional UNet, autoencoder and CLIP text encoder,
-with DeMe's channel projections where DeMe finetunes."""
+with DeMe's channel projections where DeMe finetunes, and transformers' CLIPModel for the CLIP score."""
 
 from deme_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from deme_jax.models.clip import CLIPModel, CLIPVisionOutput, CLIPVisionTransformer
 from deme_jax.models.clip_text import CLIPTextModel, CLIPTextOutput
 from deme_jax.models.registry import MODEL_CLASSES, build_model, init_params, model_fields, param_shapes
 from deme_jax.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2D
 from deme_jax.models.unet_condition import UNet2DCondition
 
-__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "AutoencoderKL", "CLIPTextModel", "CLIPTextOutput",
-           "DiagonalGaussian", "UNet2D", "UNet2DCondition", "build_model", "init_params", "model_fields",
-           "param_shapes"]
+__all__ = ["DOWN_BLOCK_TYPES", "MODEL_CLASSES", "UP_BLOCK_TYPES", "AutoencoderKL", "CLIPModel", "CLIPTextModel",
+           "CLIPTextOutput", "CLIPVisionOutput", "CLIPVisionTransformer", "DiagonalGaussian", "UNet2D",
+           "UNet2DCondition", "build_model", "init_params", "model_fields", "param_shapes"]

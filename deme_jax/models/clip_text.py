@@ -53,17 +53,18 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention; ``mask`` (B, 1, 1, L) hides padded keys."""
+    """Multi-head self-attention, causal in the text tower; ``mask`` (B, 1, 1, L) hides padded keys."""
 
     heads: int
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, h, mask):
         b, length, c = h.shape
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, length, self.heads, c // self.heads)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True).reshape(b, length, c)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal).reshape(b, length, c)
         return nn.Dense(c, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -79,17 +80,18 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block, shared by the text and the vision tower."""
 
     heads: int
     intermediate_size: int
     hidden_act: str
     eps: float
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, h, mask):
-        h = h + CLIPAttention(self.heads, self.dtype, name="self_attn")(
+        h = h + CLIPAttention(self.heads, self.dtype, self.causal, name="self_attn")(
             layer_norm(self.eps, "layer_norm1", self.dtype)(h), mask)
         return h + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(
             layer_norm(self.eps, "layer_norm2", self.dtype)(h))
@@ -104,13 +106,14 @@ class CLIPEncoder(nn.Module):
     hidden_act: str
     eps: float
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, h, mask):
         outputs = []
         for i in range(self.num_layers):
             h = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps, self.dtype,
-                                 name=f"layers_{i}")(h, mask)
+                                 self.causal, name=f"layers_{i}")(h, mask)
             outputs.append(h)
         return outputs
 

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from deme_jax.models.autoencoder import AutoencoderKL
+from deme_jax.models.clip import CLIPModel
 from deme_jax.models.clip_text import CLIPTextModel
 from deme_jax.models.unet import UNet2D
 from deme_jax.models.unet_condition import UNet2DCondition
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (UNet2D, UNet2DCondition, AutoencoderKL, CLIPTextModel)}
+    cls.__name__: cls for cls in (UNet2D, UNet2DCondition, AutoencoderKL, CLIPTextModel, CLIPModel)}
 
 
 def model_class(class_name: str) -> type[nn.Module]:
