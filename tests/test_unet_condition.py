@@ -17,27 +17,15 @@ from diffusers import UNet2DConditionModel
 from flax import traverse_util
 
 from deme_jax.interop.torch_layout import load_pretrained, save_pretrained, state_dict_from_params
-from deme_jax.interop.unet_condition import WEIGHTS_NAME, model_from_config, model_to_config
+from deme_jax.interop.unet_condition import (
+    SD15_CONFIG, SD21_CONFIG, WEIGHTS_NAME, model_from_config, model_to_config,
+)
 from deme_jax.models.layers import ChannelProjection
 from deme_jax.models.registry import param_shapes
 from deme_jax.models.unet_condition import UNet2DCondition
 
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-# unet/config.json of runwayml/stable-diffusion-v1-5 (as CompVis/stable-diffusion-v1-4).
-SD15_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": list(SD_DOWN), "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-    "out_channels": 4, "sample_size": 64, "up_block_types": list(SD_UP),
-}
-# unet/config.json of stabilityai/stable-diffusion-2-1.
-SD21_CONFIG = dict(
-    SD15_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, dual_cross_attention=False,
-    num_class_embeds=None, only_cross_attention=False, sample_size=96, upcast_attention=True,
-    use_linear_projection=True,
-)
 # The real layouts with small widths; cross_attention_dim 32 and 48 stand for CLIP's 768 and OpenCLIP's 1024.
 CASES = {
     "sd1_layout": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,

@@ -60,6 +60,23 @@ UNUSED_KEYS = ("resnet_skip_time_act", "resnet_out_scale_factor", "cross_attenti
 PROJECTION_KEY = "channel_projection"
 
 
+# unet/config.json of runwayml/stable-diffusion-v1-5 (as CompVis/stable-diffusion-v1-4).
+SD15_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+# unet/config.json of stabilityai/stable-diffusion-2-1.
+SD21_CONFIG = dict(
+    SD15_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, dual_cross_attention=False,
+    num_class_embeds=None, only_cross_attention=False, sample_size=96, upcast_attention=True,
+    use_linear_projection=True,
+)
+
+
 def model_from_config(config: dict) -> UNet2DCondition:
     """Builds the UNet2DCondition a diffusers ``config.json`` describes, refusing what it cannot express."""
     class_name = config.get("_class_name", CLASS_NAME)
