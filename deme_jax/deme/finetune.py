@@ -241,7 +241,7 @@ def finetune(config, workdir: str | Path, interval_similarity=None):
     parts = dict(
         step=make_replica_step(student, teacher, schedule, optimizer, config.ema, boundaries,
                                config.deme.global_prob, config.deme.consistency_weight,
-                               timestep_weight(config, schedule), reduce_loss),
+                               timestep_weight(config, schedule), reduce_loss, config.train.grad_accum_steps),
         params=student_params, optimizer=optimizer, schedule=schedule,
         rngs=replica_rngs(config.seed, N), streams=replica_streams(config),
         tasks=interval_tasks(partition, teacher_params),

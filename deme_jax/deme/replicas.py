@@ -94,13 +94,15 @@ def map_over_replicas(step, mesh: Mesh):
 
 
 def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, report_boundaries,
-                      global_prob: float, consistency_weight: float = 1.0, timestep_weight=None, reduce_loss=None):
+                      global_prob: float, consistency_weight: float = 1.0, timestep_weight=None, reduce_loss=None,
+                      grad_accum_steps: int = 1):
     """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
     ``map_over_replicas(step, mesh)`` trains stacked replicas.
     ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss,
     ``reduce_loss`` (ANT-UW) replaces the batch mean; a consistency weight of
-    0 skips the teacher (plain finetuning).
+    0 skips the teacher (plain finetuning). ``grad_accum_steps``: as in
+    ``make_train_step``, the teacher runs on each microbatch.
     """
     check_global_prob(global_prob)
     T = schedule.num_train_timesteps
@@ -116,4 +118,5 @@ def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema
             per_example = epsilon_loss(eps, noise)
         return per_example if timestep_weight is None else timestep_weight(t) * per_example
 
-    return make_train_step(student, schedule, optimizer, ema_config, report_boundaries, sample, loss, reduce_loss)
+    return make_train_step(student, schedule, optimizer, ema_config, report_boundaries, sample, loss, reduce_loss,
+                           grad_accum_steps)

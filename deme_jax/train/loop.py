@@ -118,7 +118,8 @@ def train_and_evaluate(config, workdir: str | Path):
     job = Job(
         init_state=lambda: create_train_state(init_params(model, stream_key(config.seed, "params")), optimizer,
                                               stream_key(config.seed, "train")),
-        step=make_train_step(model, schedule, optimizer, config.ema, boundaries),
+        step=make_train_step(model, schedule, optimizer, config.ema, boundaries,
+                             grad_accum_steps=config.train.grad_accum_steps),
         batch=lambda step: global_batch(stream.batch(step), data_sharding),
         batch_spec=jax.ShapeDtypeStruct(batch_shape(config), jnp.float32, sharding=data_sharding),
         state_shardings=lambda abstract: state_shardings(mesh, abstract, config.mesh.fsdp),

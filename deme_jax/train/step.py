@@ -38,21 +38,61 @@ def denoising_loss(eps, noise, x_t, t, task):
     return epsilon_loss(eps, noise)
 
 
+def microbatches(x: jax.Array, k: int) -> jax.Array:
+    """``(B, ...) -> (k, B / k, ...)``: microbatch ``j`` holds rows ``j, j + k, ...``, so every device's rows of a
+    batch split over ``data`` stay on it (each device keeps ``B / (k * devices)`` rows of every microbatch)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def from_microbatches(x: jax.Array) -> jax.Array:
+    """The inverse of ``microbatches``: rows back in batch order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulate_gradients(loss_fn, params, batch, rng: jax.Array, k: int):
+    """``(loss, aux), grads`` of ``loss_fn(params, batch, rng) -> (loss, aux)`` averaged over ``k`` microbatches.
+
+    ``batch`` and ``aux`` are pytrees of arrays with the batch as leading axis.
+    The microbatches run one after another in a ``lax.scan``, so only one
+    microbatch's activations are alive at a time; for equal microbatches and a
+    loss that is a mean over examples, the result is the full batch's up to
+    float rounding. Microbatch ``j`` gets ``fold_in(rng, j)`` (``k = 1``: ``rng``).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        return grad_fn(params, batch, rng)
+
+    def accumulate(grad_sum, inputs):
+        j, micro = inputs
+        (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, j))
+        return jax.tree_util.tree_map(jnp.add, grad_sum, grads), (loss, aux)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    split = jax.tree_util.tree_map(lambda x: microbatches(x, k), batch)
+    grad_sum, (losses, aux) = jax.lax.scan(accumulate, zeros, (jnp.arange(k), split))
+    grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
+    return (losses.mean(), jax.tree_util.tree_map(from_microbatches, aux)), grads
+
+
 def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
                     report_boundaries, sample_timesteps: TimestepSampler | None = None,
-                    per_example_loss: PerExampleLoss = denoising_loss, reduce_loss: LossReduction | None = None):
+                    per_example_loss: PerExampleLoss = denoising_loss, reduce_loss: LossReduction | None = None,
+                    grad_accum_steps: int = 1):
     """Builds ``step(state, images, task=None) -> (state, metrics)``; by default the DDPM objective.
 
     The loss is also reported per interval of ``report_boundaries``.
     ``task`` (any pytree) reaches the timestep sampler and the loss: DeMe passes
     each replica's interval and the frozen teacher there. ``reduce_loss``
     replaces the batch mean, with ``params[LOSS_PARAMS]`` as its parameters.
+    ``grad_accum_steps`` splits the batch into that many microbatches whose
+    gradients are averaged (``accumulate_gradients``) before one update.
 
-    All randomness comes from ``fold_in(state.rng, state.step)``, drawn for the
-    global batch, so a step gives the same result however the batch is sharded
-    and after a restart. A step whose loss or gradient norm is not finite leaves
-    the state untouched and reports ``nonfinite`` = 1, so no checkpoint ever
-    holds its result.
+    All randomness comes from ``fold_in(state.rng, state.step)``; timesteps and
+    noise are drawn for the global batch, so a step gives the same result
+    however the batch is sharded or split, and after a restart (dropout masks
+    are drawn per microbatch). A step whose loss or gradient norm is not finite
+    leaves the state untouched and reports ``nonfinite`` = 1, so no checkpoint
+    ever holds its result.
     """
     T = schedule.num_train_timesteps
     sample_timesteps = sample_timesteps or uniform_timesteps(T)
@@ -62,16 +102,18 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
         rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
         t = sample_timesteps(rng_t, images.shape[0], task)
         noise = jax.random.normal(rng_noise, images.shape, images.dtype)
-        x_t = add_noise(schedule, images, noise, t)
 
-        def loss_fn(params):
-            eps = model.apply({"params": model_params(params)}, x_t, t, train=True, rngs={"dropout": rng_dropout})
+        def loss_fn(params, batch, rng):
+            images, noise, t = batch
+            x_t = add_noise(schedule, images, noise, t)
+            eps = model.apply({"params": model_params(params)}, x_t, t, train=True, rngs={"dropout": rng})
             per_example = per_example_loss(eps, noise, x_t, t, task)
             if reduce_loss is None:
                 return per_example.mean(), per_example
             return reduce_loss(per_example, t, params[LOSS_PARAMS]), per_example
 
-        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, per_example), grads = accumulate_gradients(loss_fn, state.params, (images, noise, t), rng_dropout,
+                                                          grad_accum_steps)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

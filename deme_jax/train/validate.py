@@ -56,6 +56,12 @@ def validate_config(config, workdir, data_devices: int | None = None) -> None:
     require(train.batch_size % n_dev == 0,
             f"config.train.batch_size={train.batch_size} is not divisible by the {n_dev} devices that split a "
             f"batch; use a multiple of {n_dev}.")
+    k = train.grad_accum_steps
+    require(isinstance(k, int) and k >= 1, f"config.train.grad_accum_steps={k!r} must be an int >= 1.")
+    require(train.batch_size % (k * n_dev) == 0,
+            f"config.train.batch_size={train.batch_size} does not split into config.train.grad_accum_steps={k} "
+            f"equal microbatches over the {n_dev} devices that split a batch: use a batch_size that is a multiple "
+            f"of {k} x {n_dev} = {k * n_dev}, or a grad_accum_steps that divides batch_size / {n_dev}.")
     require(train.batch_size % n_proc == 0,
             f"config.train.batch_size={train.batch_size} is not divisible by the {n_proc} processes.")
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
