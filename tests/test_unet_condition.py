@@ -20,6 +20,7 @@ from deme_jax.interop.torch_layout import load_pretrained, save_pretrained, stat
 from deme_jax.interop.unet_condition import (
     SD15_CONFIG, SD21_CONFIG, WEIGHTS_NAME, model_from_config, model_to_config,
 )
+from deme_jax.models import layers
 from deme_jax.models.layers import ChannelProjection
 from deme_jax.models.registry import param_shapes
 from deme_jax.models.unet_condition import UNet2DCondition
@@ -83,8 +84,12 @@ def saved(tmp_path_factory):
 TIMESTEPS = {"sd1_layout": [0, 517, 999], "sd2_layout": [0.5, 999.0]}
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain_attention", "chunked_attention"])
 @pytest.mark.parametrize("name", CASES)
-def test_forward_matches_diffusers(name, saved):
+def test_forward_matches_diffusers(name, chunked, saved, monkeypatch):
+    if chunked:  # every attention in query chunks, the last one padded, as on long sequences
+        monkeypatch.setattr(layers, "ATTENTION_PLAIN_SCORES", 0)
+        monkeypatch.setattr(layers, "ATTENTION_CHUNK_SCORES", 128)
     reference, model_dir = saved[name]
     model, params = load_pretrained(model_dir, model_from_config, WEIGHTS_NAME)
     x, t, text = inputs(CASES[name], TIMESTEPS[name])
