@@ -51,6 +51,9 @@ def cache_config() -> ml_collections.ConfigDict:
         shard_size=1024,  # examples per shard; a killed run resumes after its last complete shard
         batch_size=16,  # images per VAE and text-encoder call
         dtype="float32",  # of the stored posterior mean and std and text states; "float16" halves the disk
+        # The split whose cache scores held-out losses in finetuning and the merge search ("heldout" for a folder,
+        # "val" for coco_captions): `deme cache-latents --config.data.split=<it>` writes it.
+        heldout_split="heldout",
     ))
 
 
@@ -81,6 +84,14 @@ def evaluate_config() -> ml_collections.ConfigDict:
         num_reference=0,  # reference images to use (0: all there are)
         fid_weights="",  # our safetensors Inception weights (default: converted into the cache once)
         seed=1_000,  # the seed of the initial noise; repeat k draws stream k of it
+        # Text-to-image models (a Stable Diffusion directory, or a workdir whose merge wrote one): one image per
+        # prompt of `prompts` (a text file, one caption per line; the first num_samples), sampler "ddim" or
+        # "dpmpp_2m" with ddim_steps steps and guidance; metrics from "fid", "kid" (on images resized to
+        # fid_resolution, against a `reference` folder or .npz) and "clip_score" (with the CLIP of `clip_model`).
+        prompts="",
+        guidance_scale=7.5,
+        fid_resolution=256,
+        clip_model="",  # a transformers CLIP directory (config.json, model.safetensors, tokenizer files)
     ))
 
 
@@ -173,7 +184,8 @@ def training_config() -> ml_collections.ConfigDict:
     config.ema = ml_collections.ConfigDict(dict(max_decay=0.9999, inv_gamma=1.0, power=0.75))
 
     config.eval = ml_collections.ConfigDict(dict(num_images=500))  # held-out images for the loss
-    config.sample = ml_collections.ConfigDict(dict(num_images=64, ddim_steps=50))
+    # Sample grids during training; a text-to-image model samples the first held-out captions with this guidance.
+    config.sample = ml_collections.ConfigDict(dict(num_images=64, ddim_steps=50, guidance_scale=7.5))
     config.mesh = mesh_config()
     config.evaluate = evaluate_config()
     config.analyze = analyze_config()
@@ -205,6 +217,15 @@ def deme_config() -> ml_collections.ConfigDict:
         p2_gamma=1.0,
         p2_k=1.0,
         uncertainty_tasks=4,  # ANT-UW: equal timestep intervals, each with a learnt log-variance
+        dtype="float32",  # compute dtype of student and teacher; "bfloat16" keeps float32 parameters and optimizer
+        remat=False,  # recompute each UNet block's activations in the backward pass (Stable Diffusion's UNet)
+        # LoRA replicas: rank-r adapters on `lora_targets` ("attention": every attention's q/k/v/out projections;
+        # "convolution": every convolution) are trained, with DeMe's channel projections in full; the rest stays
+        # the pretrained weights, shared by all replicas. Task vectors are the adapters' dense deltas.
+        lora=False,
+        lora_rank=4,
+        lora_alpha=placeholder(float),  # the adapters' scale is lora_alpha / lora_rank; None: lora_rank (scale 1)
+        lora_targets=("attention",),
     ))
     config.merge = ml_collections.ConfigDict(dict(
         method="task_arithmetic",  # "task_arithmetic", "ties" or "dare"

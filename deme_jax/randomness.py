@@ -13,11 +13,13 @@ stream changes no other.
 | ``data`` (replica i) | the order and flips of the training batches; a latent cache's samples, caption dropout |
 | ``cache_crop`` | `deme cache-latents` with `center_crop=False`: each image's crop, drawn once |
 | ``heldout_noise`` | the noise of the held-out loss logged during training |
+| ``heldout_latents`` | text-to-image: the latents drawn once from the held-out pairs' posteriors |
 | ``sample_noise`` | the initial noise of the sample grids logged during training |
 | ``merge_heldout`` | the noise of the merge search's held-out loss |
 | ``merge_stop`` | the noise of the gradient merge search's early-stopping loss |
+| ``lora`` | the initial LoRA adapters of DeMe replicas (``lora_A``; ``lora_B`` starts at zero) |
 | ``dare`` | DARE's random drop masks |
-| ``eval_noise`` (repeat k) | `deme evaluate`: the initial noise of repeat k (from config.evaluate.seed) |
+| ``eval_noise`` (repeat k) | `deme evaluate`: the initial noise (or latents) of repeat k (from config.evaluate.seed) |
 | ``report_noise`` (draw k) | the demo: the noise of held-out loss draw k of its report |
 | ``gradient_conflict`` | `deme analyze`, the demo, a "conflict" partition: the images and noise of the interval gradients |
 | ``directions``, ``landscape`` | `deme analyze`: random plane directions, the landscape's noise |

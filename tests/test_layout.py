@@ -15,7 +15,7 @@ LAYERS = {
     "cli": {"commands", "train", "xla_cpu"},  # train: multi-host start-up before any command
     "commands": {"deme", "train", "merge", "metrics", "analysis", "interop", "data", "diffusion", "models",
                  "text2image", "randomness", "defaults", "assets", "images"},
-    "deme": {"train", "merge", "metrics", "interop", "data", "diffusion", "models", "randomness"},
+    "deme": {"train", "merge", "metrics", "interop", "data", "diffusion", "models", "text2image", "randomness"},
     "interop": {"train", "models", "diffusion", "text2image"},
     "text2image": {"models", "diffusion", "data", "images"},  # data: the latent cache's stream is a BatchStream
     "train": {"data", "diffusion", "models", "randomness", "images"},

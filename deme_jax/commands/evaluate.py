@@ -1,4 +1,5 @@
-"""``deme evaluate --config=FILE --workdir=DIR``: samples a workdir's model and scores it (FID, KID, FD-MNIST).
+"""``deme evaluate --config=FILE --workdir=DIR``: samples a workdir's model and scores it (FID, KID, FD-MNIST; for
+a Stable Diffusion pipeline, FID, KID and CLIP score of images for a prompt file).
 
 Writes DIR/eval/{results.json,samples.png} and TensorBoard scalars; what is
 sampled and scored is config.evaluate (see deme_jax.defaults and
@@ -18,8 +19,8 @@ from clu import metric_writers
 
 from deme_jax.diffusion import make_schedule
 from deme_jax.images import save_image_grid
-from deme_jax.interop import load_model
-from deme_jax.metrics.scoring import evaluate_model
+from deme_jax.interop import load_model, load_stable_diffusion
+from deme_jax.metrics.scoring import evaluate_model, evaluate_pipeline
 from deme_jax.models import param_shapes
 
 
@@ -30,15 +31,26 @@ def workdir_model(config, workdir: Path):
     return str(path), *load_model(path)
 
 
+def stable_diffusion_dir(config, workdir: Path) -> Path | None:
+    """The Stable Diffusion directory to score, if the model is one: config.evaluate.model, else the merge's."""
+    path = Path(config.evaluate.model) if config.evaluate.model else workdir / "merge" / "diffusers"
+    return path if (path / "model_index.json").is_file() else None
+
+
 def run(config, workdir: str | Path) -> dict:
     """Scores the workdir's model; returns what DIR/eval/results.json holds."""
     workdir = Path(workdir)
-    path, model, params = workdir_model(config, workdir)
-    if jax.tree_util.tree_map(np.shape, params) != jax.tree_util.tree_map(np.shape, param_shapes(model)):
-        raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
-    out = workdir / "eval"
-    result = evaluate_model(model, params, make_schedule(**config.diffusion), config.evaluate, config.data)
+    pipeline_dir = stable_diffusion_dir(config, workdir)
+    if pipeline_dir is not None:
+        path = str(pipeline_dir)
+        result = evaluate_pipeline(load_stable_diffusion(pipeline_dir), config.evaluate, config.data)
+    else:
+        path, model, params = workdir_model(config, workdir)
+        if jax.tree_util.tree_map(np.shape, params) != jax.tree_util.tree_map(np.shape, param_shapes(model)):
+            raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
+        result = evaluate_model(model, params, make_schedule(**config.diffusion), config.evaluate, config.data)
     result["model"] = path
+    out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(jnp.asarray(result.pop("samples")[:64], jnp.float32) / 127.5 - 1, out / "samples.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

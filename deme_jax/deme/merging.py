@@ -28,12 +28,13 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from deme_jax.data import heldout_images
-from deme_jax.deme.finetune import load_pretrained, load_replicas
+from deme_jax.deme.data import heldout_batch, num_rows, rows
+from deme_jax.deme.finetune import load_pretrained, load_pretrained_pipeline, load_replicas, lora_scale
 from deme_jax.diffusion import make_schedule, sample_images
 from deme_jax.diffusion.timesteps import interval_index, interval_labels, interval_means, spread_timesteps
-from deme_jax.interop import save_diffusers_unet, save_orbax_model
+from deme_jax.interop import save_diffusers_unet, save_lora, save_orbax_model, save_stable_diffusion
 from deme_jax.merge import METHODS, merge, weight_groups
+from deme_jax.models import LoRAModel, merged_adapters
 from deme_jax.merge.search import SEARCHES, coordinate_descent, gradient_search, grid_search
 from deme_jax.metrics.scoring import Scorer, sample_noise
 from deme_jax.randomness import stream_key
@@ -138,12 +139,12 @@ def make_merged_losses(model, schedule, partition, method: str = "task_arithmeti
 
 def learn_weights(config, model, schedule, partition, base, replicas, images, writer):
     """Gradient descent on the merge weights (config.merge.search="gradient"); returns (weights, candidates of
-    the grid it starts from, details)."""
+    the grid it starts from, details). ``images``: the held-out batch (images, or latents and text states)."""
     settings, N = config.merge, len(partition) - 1
-    num_stop = max(1, round(settings.stop_fraction * len(images)))
-    fit, stop = images[:-num_stop], images[-num_stop:]
-    check_covers(len(fit), partition, f"config.merge.stop_fraction={settings.stop_fraction} (fit images)")
-    check_covers(len(stop), partition, f"config.merge.stop_fraction={settings.stop_fraction} (held-back images)")
+    num_stop = max(1, round(settings.stop_fraction * num_rows(images)))
+    fit, stop = rows(images, slice(None, -num_stop)), rows(images, slice(-num_stop, None))
+    check_covers(num_rows(fit), partition, f"config.merge.stop_fraction={settings.stop_fraction} (fit images)")
+    check_covers(num_rows(stop), partition, f"config.merge.stop_fraction={settings.stop_fraction} (held-back images)")
     relative_losses = make_merged_losses(model, schedule, partition, settings.method,
                                          **merge_options(settings, config.seed))
     losses = jax.jit(relative_losses)  # the search's held-back loss compiles the same function: compiled once
@@ -176,7 +177,7 @@ def learn_weights(config, model, schedule, partition, base, replicas, images, wr
                                                 settings.lr, settings.penalty, settings.patience, log_step)
     details = {"granularity": settings.granularity, "penalty_target": settings.penalty_target,
                "penalty": settings.penalty, "start": start.tolist(), "best_step": best_step,
-               "steps": len(trace) - 1, "fit_images": len(fit), "stop_images": len(stop),
+               "steps": len(trace) - 1, "fit_images": num_rows(fit), "stop_images": num_rows(stop),
                "trace": [{"fit": f.tolist(), "stop": s.tolist()} for f, s in trace]}
     if settings.granularity == "block":
         details["groups"] = list(groups)
@@ -191,18 +192,26 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
     N = len(partition) - 1
     validate_merge_config(config.merge, N)
     out = Path(out) if out else workdir / "merge"
-    for name in ("orbax", "diffusers"):
+    for name in ("orbax", "diffusers", "lora"):
         if (out / name).exists():
             raise FileExistsError(f"{out / name} exists from an earlier merge: move it away to merge again.")
-    *_, base = load_pretrained(run_config)
+    pipeline = load_pretrained_pipeline(run_config)
+    require(pipeline is None or config.merge.metric == "heldout_loss",
+            f"config.merge.metric={config.merge.metric!r} scores pixel samples; a Stable Diffusion merge is scored "
+            "with metric='heldout_loss' (held-out pairs of the latent cache).")
+    _, teacher_params, _, base = load_pretrained(run_config, pipeline)
+    adapters = None
+    if run_config.deme.get("lora"):  # task vectors of LoRA replicas are their dense deltas: merge the dense replicas
+        adapters, lora = replicas["lora"], LoRAModel(model, lora_scale(run_config.deme))
+        replicas = jax.jit(jax.vmap(lambda p: lora.dense(p, teacher_params)))(replicas)
     shapes = jax.tree_util.tree_map(np.shape, base)
     require(shapes == jax.tree_util.tree_map(lambda x: np.shape(x)[1:], replicas),
             f"the replicas in {workdir} do not have the structure of config.deme.pretrained="
             f"{run_config.deme.pretrained!r} (with projections: {run_config.deme.channel_projection}); merge "
             "replicas with the model they were finetuned from.")
     schedule = make_schedule(**run_config.diffusion)
-    images = heldout_images(run_config.data, config.eval.num_images)
-    check_covers(len(images), partition, f"config.eval.num_images={config.eval.num_images}")
+    images = heldout_batch(run_config, workdir, config.eval.num_images, pipeline)
+    check_covers(num_rows(images), partition, f"config.eval.num_images={config.eval.num_images}")
     interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"))
     reference = interval_loss(base)
     options = merge_options(config.merge, config.seed)
@@ -244,8 +253,14 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_orbax_model(model, merged, out / "orbax")
-        save_diffusers_unet(model, merged, out / "diffusers")
+        if pipeline is None:
+            save_diffusers_unet(model, merged, out / "diffusers")
+        else:  # the whole pipeline with the merged UNet
+            save_stable_diffusion(pipeline.replace(unet=model, params={**pipeline.params, "unet": merged}),
+                                  out / "diffusers")
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if adapters is not None:
+            export_adapters(config, run_config, adapters, best, weight_groups(base), out / "lora")
         if details:
             plot_gradient_search(details["trace"], details["best_step"], partition, out / "search.png")
         elif candidates:
@@ -254,6 +269,18 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
     logging.info("merged with weights %s: %s %.5f (pretrained %.5f) -> %s", best.tolist(), config.merge.metric,
                  best_score, pretrained_score, out)
     return result
+
+
+def export_adapters(config, run_config, adapters, weights, groups, path: Path) -> None:
+    """The merged LoRA replicas as one adapter set in the diffusers/peft layout, where one expresses the merge:
+    task arithmetic (rank N r) of replicas without channel projections (which LoRA files cannot hold)."""
+    if config.merge.method != "task_arithmetic" or run_config.deme.channel_projection:
+        logging.info("No LoRA export: the merge (method %s, channel projections %s) is not a sum of the adapters; "
+                     "the merged model is in orbax/ and diffusers/.", config.merge.method,
+                     run_config.deme.channel_projection)
+        return
+    save_lora(merged_adapters(adapters, weights, groups), path, lora_scale(run_config.deme))
+    logging.info("The merge as LoRA weights: %s", path)
 
 
 def plot_search(candidates, pretrained_score: float, metric: str, path: Path) -> Path:

@@ -18,13 +18,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from deme_jax.deme.intervals import check_global_prob, interval_timesteps
 from deme_jax.deme.objective import deme_loss
 from deme_jax.diffusion import epsilon_loss
-from deme_jax.models import UNet2D, param_shapes
+from deme_jax.models import param_shapes
+from deme_jax.models.unet import UNet
 from deme_jax.train.sharding import replicated
 from deme_jax.train.state import create_train_state
 from deme_jax.train.step import make_train_step
 
 
-def with_identity_projections(model: UNet2D, params: dict) -> tuple[UNet2D, dict]:
+def with_identity_projections(model: UNet, params: dict) -> tuple[UNet, dict]:
     """The model with channel projections on, the pretrained weights, and identity projections.
 
     A pretrained model given identity projections computes exactly what it did,
@@ -83,8 +84,9 @@ def map_over_replicas(step, mesh: Mesh):
     (benchmarks/replicas.py).
     """
 
-    def local(state, images, task):
-        outputs = [step(replica_slice(state, i), images[i], task_slice(task, i)) for i in range(images.shape[0])]
+    def local(state, batch, task):
+        count = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        outputs = [step(replica_slice(state, i), replica_slice(batch, i), task_slice(task, i)) for i in range(count)]
         return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outputs)
 
     replica = P("replica")
@@ -93,16 +95,19 @@ def map_over_replicas(step, mesh: Mesh):
                          axis_names={"replica"}, check_vma=False)
 
 
-def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema_config, report_boundaries,
+def make_replica_step(student: UNet, teacher: UNet, schedule, optimizer, ema_config, report_boundaries,
                       global_prob: float, consistency_weight: float = 1.0, timestep_weight=None, reduce_loss=None,
-                      grad_accum_steps: int = 1):
-    """``step(state, images, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
+                      grad_accum_steps: int = 1, lora: bool = False):
+    """``step(state, batch, task)`` for ONE replica: interval sampler plus denoising and consistency loss.
 
-    ``map_over_replicas(step, mesh)`` trains stacked replicas.
+    ``map_over_replicas(step, mesh)`` trains stacked replicas. The batch is
+    images, or latents and text states for a text-to-image UNet; the teacher
+    sees the same noisy input and the same text states as the student.
     ``timestep_weight(t)`` (Min-SNR, P2) scales each example's loss,
     ``reduce_loss`` (ANT-UW) replaces the batch mean; a consistency weight of
     0 skips the teacher (plain finetuning). ``grad_accum_steps``: as in
-    ``make_train_step``, the teacher runs on each microbatch.
+    ``make_train_step``, the teacher runs on each microbatch. ``lora``: the
+    student is a ``LoRAModel`` whose frozen base is the teacher's weights.
     """
     check_global_prob(global_prob)
     T = schedule.num_train_timesteps
@@ -110,13 +115,14 @@ def make_replica_step(student: UNet2D, teacher: UNet2D, schedule, optimizer, ema
     def sample(rng, n, task):
         return interval_timesteps(rng, n, task["low"], task["high"], T, global_prob)
 
-    def loss(eps, noise, x_t, t, task):
+    def loss(prediction, target, x_t, t, conditioning, task):
         if consistency_weight:
-            per_example = deme_loss(eps, teacher.apply({"params": task["teacher"]}, x_t, t), noise,
-                                    consistency_weight)
+            teacher_prediction = teacher.apply({"params": task["teacher"]}, x_t, t, *conditioning)
+            per_example = deme_loss(prediction, teacher_prediction, target, consistency_weight)
         else:
-            per_example = epsilon_loss(eps, noise)
+            per_example = epsilon_loss(prediction, target)
         return per_example if timestep_weight is None else timestep_weight(t) * per_example
 
+    frozen = (lambda task: {"base": task["teacher"]}) if lora else None
     return make_train_step(student, schedule, optimizer, ema_config, report_boundaries, sample, loss, reduce_loss,
-                           grad_accum_steps)
+                           grad_accum_steps, frozen)

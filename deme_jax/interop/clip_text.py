@@ -11,10 +11,7 @@ transformers version loads.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from deme_jax.interop.torch_layout import params_from_state_dict, read_config, read_state_dict, weights_file
-from deme_jax.models import param_shapes
 from deme_jax.models.clip_text import ACTIVATIONS, CLIPTextModel
 
 CONFIG_NAME = "config.json"

@@ -53,6 +53,12 @@ _ACCEPTED_OPTIONS = {
 
 def load_diffusers_scheduler(path) -> NoiseSchedule:
     """Loads ``path/scheduler_config.json`` or, for a pipeline, ``path/scheduler/scheduler_config.json``."""
+    return make_schedule(**diffusers_schedule_fields(path))
+
+
+def diffusers_schedule_fields(path) -> dict:
+    """``make_schedule``'s arguments (a run's ``config.diffusion``) from a diffusers scheduler config, as
+    ``load_diffusers_scheduler`` reads it: the keys the file gives, unsupported options refused."""
     path = Path(path)
     candidates = [path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"]
     config_file = next((c for c in candidates if c.is_file()), None)
@@ -71,6 +77,8 @@ def load_diffusers_scheduler(path) -> NoiseSchedule:
             check_choice("variance_type", config.pop("variance_type", None), (None,))
         for key, accepted in _ACCEPTED_OPTIONS.items():
             check_choice(key, config.get(key, accepted[0]), accepted)
-        return make_schedule(**{k: config[k] for k in _SCHEDULE_KEYS if k in config})
+        fields = {k: config[k] for k in _SCHEDULE_KEYS if k in config}
+        make_schedule(**fields)  # refuses bad values now, naming the file
+        return fields
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from e

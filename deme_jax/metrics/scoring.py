@@ -12,11 +12,16 @@ much as the differences between good models.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from deme_jax.data import reference_images
+from deme_jax.images import to_uint8
 from deme_jax.diffusion import sample_images
 from deme_jax.metrics.fid import (
     compute_statistics,
@@ -27,8 +32,10 @@ from deme_jax.metrics.fid import (
 )
 from deme_jax.metrics.mnist_features import fd_mnist, load_mnist_features
 from deme_jax.randomness import stream_key
+from deme_jax.text2image import generate
 
 METRICS = ("fid", "kid", "fd_mnist")
+TEXT_TO_IMAGE_METRICS = ("fid", "kid", "clip_score")
 
 
 def rgb(images: np.ndarray) -> np.ndarray:
@@ -81,6 +88,13 @@ def sample_noise(eval_config, k: int) -> jax.Array:
     return stream_key(eval_config.seed, "eval_noise", k)
 
 
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every metric."""
+    return {name: {"mean": float(np.mean([s[name] for s in per_seed])),
+                   "std": float(np.std([s[name] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
+            for name in per_seed[0]}
+
+
 def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Scorer | None = None) -> dict:
     """Samples and scores ``model`` over ``eval_config.num_seeds`` seeds.
 
@@ -97,10 +111,81 @@ def evaluate_model(model, params, schedule, eval_config, data_config, scorer: Sc
         logging.info("noise seed %d: %s", k, per_seed[-1])
         if k == 0:
             samples = images
-    summary = {name: {"mean": float(np.mean([s[name] for s in per_seed])),
-                      "std": float(np.std([s[name] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
-               for name in per_seed[0]}
-    return {"per_seed": per_seed, "summary": summary, "samples": samples, "num_samples": eval_config.num_samples,
+    return {"per_seed": per_seed, "summary": summarise(per_seed), "samples": samples,
+            "num_samples": eval_config.num_samples,
             "fid_samples": eval_config.fid_samples or eval_config.num_samples,
             "num_reference": scorer.num_reference, "sampler": eval_config.sampler,
             "ddim_steps": eval_config.ddim_steps}
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompt file."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+    if not prompts:
+        raise ValueError(f"config.evaluate.prompts={path!r} holds no prompt: give a text file with one caption per "
+                         "line (the COCO protocol: 30,000 val2014 captions).")
+    return prompts
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images resized to size x size (PIL bicubic), as the COCO protocol downsamples samples before FID."""
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
+
+
+def evaluate_pipeline(pipeline, eval_config, data_config, clip_scorer=None) -> dict:
+    """Text-to-image evaluation, the COCO protocol: one image per prompt of ``eval_config.prompts`` (the first
+    ``num_samples``), guided (``guidance_scale``) by DDIM or DPM-Solver++ (``sampler``, ``ddim_steps`` steps) at
+    the pipeline's resolution; FID and KID of the images resized to ``fid_resolution`` against
+    ``eval_config.reference`` (an image folder, read as ``data_config`` reads one, at that size; or pytorch-fid
+    ``.npz`` statistics), and the CLIP score of the full-size images with their prompts (``clip_model``, a
+    transformers CLIP directory). Each of ``num_seeds`` seeds draws its own initial latents (stream
+    ``eval_noise``); scores per seed and their spread.
+    """
+    from deme_jax.metrics.clip_score import CLIPScorer
+
+    metrics = tuple(eval_config.metrics)
+    unknown = sorted(set(metrics) - set(TEXT_TO_IMAGE_METRICS))
+    if unknown:
+        raise ValueError(f"config.evaluate.metrics has {unknown}; a text-to-image model is scored with "
+                         f"{list(TEXT_TO_IMAGE_METRICS)}.")
+    if eval_config.sampler not in ("ddim", "dpmpp_2m"):
+        raise ValueError(f"config.evaluate.sampler={eval_config.sampler!r}: a text-to-image model samples with "
+                         "'ddim' or 'dpmpp_2m'.")
+    prompts = read_prompts(eval_config.prompts)[:eval_config.num_samples]
+    if "clip_score" in metrics and clip_scorer is None:
+        if not eval_config.clip_model:
+            raise ValueError("config.evaluate.metrics has 'clip_score' but config.evaluate.clip_model is empty: give "
+                             "a transformers CLIP directory (the paper: ViT-g/14), or drop the metric.")
+        clip_scorer = CLIPScorer.from_directory(eval_config.clip_model)
+    image_metrics = tuple(m for m in metrics if m != "clip_score")
+    scorer = None
+    if image_metrics:
+        if eval_config.reference in ("heldout", "train"):
+            raise ValueError(f"config.evaluate.reference={eval_config.reference!r}: a text-to-image model's FID "
+                             "reference is an image folder (e.g. COCO val2014) or pytorch-fid .npz statistics.")
+        reference = ml_collections.ConfigDict(data_config.to_dict())  # a folder read at fid_resolution, in RGB
+        reference.update(dict(image_size=eval_config.fid_resolution, channels=3))
+        scorer = Scorer(ml_collections.ConfigDict({**eval_config.to_dict(), "metrics": image_metrics}), reference)
+    f, unet = pipeline.vae_scale_factor, pipeline.unet
+    shape = (unet.sample_size, unet.sample_size, unet.in_channels)
+    per_seed, samples = [], None
+    for k in range(eval_config.num_seeds):
+        latents = jax.random.normal(sample_noise(eval_config, k), (len(prompts), *shape))
+        images = []
+        for i in range(0, len(prompts), eval_config.batch_size):
+            chunk = slice(i, i + eval_config.batch_size)
+            batch = generate(pipeline, prompts[chunk], latents=latents[chunk], scheduler=eval_config.sampler,
+                             num_inference_steps=eval_config.ddim_steps, guidance_scale=eval_config.guidance_scale)
+            images.append(to_uint8(batch * 2 - 1))
+            logging.info("seed %d: %d/%d images", k, i + len(batch), len(prompts))
+        images = np.concatenate(images)
+        scores = scorer.score(resize_uint8(images, eval_config.fid_resolution)) if scorer else {}
+        if clip_scorer is not None:
+            scores["clip_score"] = clip_scorer(images, prompts)[1]
+        per_seed.append(scores)
+        logging.info("noise seed %d: %s", k, scores)
+        samples = images if k == 0 else samples
+    return {"per_seed": per_seed, "summary": summarise(per_seed), "samples": samples, "num_samples": len(prompts),
+            "resolution": shape[0] * f, "fid_resolution": eval_config.fid_resolution,
+            "num_reference": scorer.num_reference if scorer else None, "sampler": eval_config.sampler,
+            "steps": eval_config.ddim_steps, "guidance_scale": eval_config.guidance_scale}

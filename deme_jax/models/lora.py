@@ -11,11 +11,13 @@ so an optimiser of the adapter tree sees only ``A`` and ``B``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
 
 GROUPS = ("attention", "convolution", "projection")
@@ -122,3 +124,46 @@ def dense_delta(base, lora_params, scale) -> dict:
     flat = traverse_util.flatten_dict(base)
     return traverse_util.unflatten_dict(
         {p: deltas[p].astype(x.dtype) if p in deltas else jnp.zeros(x.shape, x.dtype) for p, x in flat.items()})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRAModel:
+    """``model`` trained through LoRA: its trainable tree is ``{"lora": adapters, "full": leaves trained in full}``
+    (``full``: e.g. DeMe's channel projections, small and new) over frozen ``base`` weights.
+
+    ``apply({"params": trainable, "base": base}, ...)`` is ``model.apply`` of ``dense(trainable, base)``; without
+    a ``"base"`` collection the bound ``base`` serves (evaluation and sampling). Compared by identity, so it can
+    be a static argument of a jitted function like a Flax module.
+    """
+
+    model: nn.Module
+    scale: float
+    base: dict | None = None
+
+    def dense(self, trainable: dict, base: dict) -> dict:
+        """The dense parameters: ``base`` with the ``full`` leaves put in and every adapter folded in."""
+        flat = {**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(trainable["full"])}
+        return apply_lora(traverse_util.unflatten_dict(flat), trainable["lora"], self.scale)
+
+    def apply(self, variables, *args, **kwargs):
+        base = variables.get("base", self.base)
+        return self.model.apply({"params": self.dense(variables["params"], base)}, *args, **kwargs)
+
+
+def merged_adapters(stacked_lora: dict, weights, groups: tuple[str, ...] = ()) -> dict:
+    """One adapter set equal to task arithmetic over N replicas' adapters: ``sum_i w_i scale A_i B_i`` is
+    ``scale * [A_1 .. A_N] [w_1 B_1; ..; w_N B_N]``, rank N r, exactly.
+
+    ``stacked_lora``: adapters with a leading replica axis. ``weights``: (N,), or (N, G) per replica and
+    top-level entry of the model (``groups``, in ``merge.weight_groups`` order).
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    column = {name: g for g, name in enumerate(groups)}
+    merged = {}
+    for path, x in traverse_util.flatten_dict(stacked_lora).items():
+        if path[-2] == "lora_A":  # (N, ..., in, r) -> (..., in, N r)
+            merged[path] = jnp.concatenate(list(x), axis=-1)
+        else:  # (N, ..., r, out) -> (..., N r, out), replica i's rows scaled by its weight
+            w = weights if weights.ndim == 1 else weights[:, column[path[0]]]
+            merged[path] = jnp.concatenate([w[i] * x[i] for i in range(x.shape[0])], axis=-2)
+    return traverse_util.unflatten_dict(merged)

@@ -302,13 +302,22 @@ class LatentStream(BatchStream):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         first = self.process_index * self.local_batch_size
-        mean, std, text = self.source.rows(self.global_indices(step)[first:first + self.local_batch_size])
-        eps, dropped = np.empty_like(mean), np.empty(len(mean), bool)
-        for row in range(len(mean)):
-            rng = np.random.default_rng([*self.seed, ROW_DRAWS, step, first + row])
-            dropped[row] = rng.random() < self.caption_dropout
-            eps[row] = rng.standard_normal(mean.shape[1:], np.float32)
-        text[dropped] = self.source.empty_text
-        spec = self.source.spec
-        latents = (mean + std * eps - (spec["shift_factor"] or 0.0)) * spec["scaling_factor"]
-        return {"latents": latents, "text": text}
+        indices = self.global_indices(step)[first:first + self.local_batch_size]
+        seeds = [(*self.seed, ROW_DRAWS, step, first + row) for row in range(len(indices))]
+        return draw_examples(self.source, indices, seeds, self.caption_dropout)
+
+
+def draw_examples(cache: LatentCache, indices, row_seeds, caption_dropout: float = 0.0) -> dict[str, np.ndarray]:
+    """``{"latents", "text"}`` of the examples ``indices``, float32: each latent drawn from its posterior with its
+    row's seed (a numpy ``SeedSequence`` entropy), ``(mean + std * eps - shift_factor) * scaling_factor``, and its
+    text states, the empty caption's with probability ``caption_dropout``."""
+    mean, std, text = cache.rows(indices)
+    eps, dropped = np.empty_like(mean), np.empty(len(mean), bool)
+    for row, seed in enumerate(row_seeds):
+        rng = np.random.default_rng(seed)
+        dropped[row] = rng.random() < caption_dropout
+        eps[row] = rng.standard_normal(mean.shape[1:], np.float32)
+    text[dropped] = cache.empty_text
+    spec = cache.spec
+    latents = (mean + std * eps - (spec["shift_factor"] or 0.0)) * spec["scaling_factor"]
+    return {"latents": latents, "text": text}

@@ -94,6 +94,16 @@ def generate(pipeline: StableDiffusion, prompts: Sequence[str], *, num_inference
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _generate(text_encoder, unet, vae, guided, params, schedule, plan, ids, latents, guidance_scale):
     states = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+    return images_from_states(unet, vae, guided, params, schedule, plan, states, latents, guidance_scale)
+
+
+def images_from_states(unet, vae, guided: bool, params, schedule, plan, states, latents, guidance_scale):
+    """Guided sampling from text states, then VAE decoding: images in [0, 1].
+
+    ``states`` holds the unconditional rows, then the conditional ones, when
+    ``guided``; the UNet runs once per step on both halves. ``params`` needs
+    ``"unet"`` and ``"vae"``. Traceable: finetuning samples its replicas with it.
+    """
 
     def step(carry, i):
         x, sampler_carry = carry

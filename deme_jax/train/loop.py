@@ -94,15 +94,17 @@ class Job:
     """
 
     init_state: Callable[[], TrainState]
-    step: Callable  # (state, images, *step_args) -> (state, metrics)
-    batch: Callable[[int], jax.Array]  # 0-based step -> the global batch, laid out as batch_spec
-    batch_spec: jax.ShapeDtypeStruct  # the global batch's shape, dtype and sharding
+    step: Callable  # (state, batch, *step_args) -> (state, metrics)
+    batch: Callable[[int], object]  # 0-based step -> the global batch (an array or a pytree), laid out as batch_spec
+    batch_spec: object  # the global batch's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves)
     state_shardings: Callable  # abstract state -> shardings
     mesh: Mesh
-    heldout_loss: Callable  # (ema_params, images, rng) -> per-interval (sums, counts)
+    heldout_loss: Callable  # (ema_params, heldout batch, rng) -> per-interval (sums, counts)
     sample: Callable | None = None  # (ema_params, noise) -> images
     step_args: tuple = ()  # further jitted arguments, e.g. the frozen teacher (laid out by their shardings)
     num_replicas: int | None = None
+    heldout: Callable | None = None  # () -> the held-out batch; default: config.data's held-out images
+    sample_shape: tuple | None = None  # of one sample's initial noise; default: an image of the batch
 
 
 def train_and_evaluate(config, workdir: str | Path):
@@ -143,7 +145,9 @@ def run_training(config, workdir: str | Path, job: Job):
     """
     workdir = Path(workdir)
     config_json = json.loads(config.to_json())
-    heldout = heldout_images(config.data, config.eval.num_images) if config.train.eval_every else None
+    heldout = None
+    if config.train.eval_every:
+        heldout = job.heldout() if job.heldout else heldout_images(config.data, config.eval.num_images)
     with open_run(workdir, config_json):
         checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
         try:
@@ -180,12 +184,13 @@ def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: 
 
     args_spec = tuple(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), a)
                       for a in job.step_args)
-    logging.info("Compiling the train step (global batch %s).", job.batch_spec.shape)
+    batch_shapes = jax.tree_util.tree_map(lambda x: x.shape, job.batch_spec)
+    logging.info("Compiling the train step (global batch %s).", batch_shapes)
     compile_start = time.perf_counter()
     train_step = jax.jit(job.step, out_shardings=(shardings, repl), donate_argnums=0).lower(
         abstract_with_shardings(abstract, shardings), job.batch_spec, *args_spec).compile()
     logging.info("Compiled the train step in %.1f s (global batch %s).", time.perf_counter() - compile_start,
-                 job.batch_spec.shape)
+                 batch_shapes)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
@@ -193,9 +198,10 @@ def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: 
     heldout = None if heldout is None else jax.device_put(heldout, repl)
     heldout_loss = job.heldout_loss if job.num_replicas is None else jax.vmap(job.heldout_loss, (0, None, None))
     heldout_loss = jax.jit(heldout_loss, out_shardings=repl)
+    sample_shape = job.sample_shape or job.batch_spec.shape[-3:]
     sample_noise = jax.device_put(
         np.asarray(jax.random.normal(stream_key(config.seed, "sample_noise"),
-                                     (config.sample.num_images,) + job.batch_spec.shape[-3:])), repl)
+                                     (config.sample.num_images, *sample_shape))), repl)
     report = periodic_actions.ReportProgress(num_train_steps=train.num_steps, writer=writer, every_secs=30)
     preemption = Preemption()
     pending = []  # per-step metrics not yet read back: reading every step would stall dispatch

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deme_jax.diffusion import NoiseSchedule, add_noise, epsilon_loss
+from deme_jax.diffusion import NoiseSchedule, add_noise, epsilon_loss, prediction_target
 from deme_jax.diffusion.timesteps import interval_means, interval_sums, spread_timesteps
 from deme_jax.train.state import TrainState, ema_decay, ema_update
 
 # (rng, batch_size, task) -> int32 timesteps of shape (batch_size,)
 TimestepSampler = Callable[[jax.Array, int, object], jax.Array]
-# (eps_pred, noise, x_t, t, task) -> per-example loss of shape (batch_size,)
-PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, object], jax.Array]
+# (prediction, target, x_t, t, conditioning, task) -> per-example loss of shape (batch_size,); the target is the
+# noise (or v, for a v-prediction schedule) and the conditioning the model's further inputs (text states)
+PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, tuple, object], jax.Array]
 # (per-example loss, t, loss parameters) -> the scalar to minimise
 LossReduction = Callable[[jax.Array, jax.Array, dict], jax.Array]
 
@@ -34,8 +35,16 @@ def uniform_timesteps(num_train_timesteps: int) -> TimestepSampler:
     return lambda rng, n, task: jax.random.randint(rng, (n,), 0, num_train_timesteps, jnp.int32)
 
 
-def denoising_loss(eps, noise, x_t, t, task):
-    return epsilon_loss(eps, noise)
+def denoising_loss(prediction, target, x_t, t, conditioning, task):
+    return epsilon_loss(prediction, target)
+
+
+def split_batch(batch) -> tuple[jax.Array, tuple]:
+    """``(x0, conditioning)`` of a training batch: images (an array) for an unconditional model, or a text-to-image
+    batch ``{"latents", "text"}`` whose text states the model takes after the timesteps."""
+    if isinstance(batch, dict):
+        return batch["latents"], (batch["text"],)
+    return batch, ()
 
 
 def microbatches(x: jax.Array, k: int) -> jax.Array:
@@ -77,8 +86,10 @@ def accumulate_gradients(loss_fn, params, batch, rng: jax.Array, k: int):
 def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTransformation, ema_config,
                     report_boundaries, sample_timesteps: TimestepSampler | None = None,
                     per_example_loss: PerExampleLoss = denoising_loss, reduce_loss: LossReduction | None = None,
-                    grad_accum_steps: int = 1):
-    """Builds ``step(state, images, task=None) -> (state, metrics)``; by default the DDPM objective.
+                    grad_accum_steps: int = 1, frozen_variables: Callable[[object], dict] | None = None):
+    """Builds ``step(state, batch, task=None) -> (state, metrics)``; by default the DDPM objective.
+
+    ``batch``: images, or latents with their text states (``split_batch``).
 
     The loss is also reported per interval of ``report_boundaries``.
     ``task`` (any pytree) reaches the timestep sampler and the loss: DeMe passes
@@ -86,6 +97,8 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     replaces the batch mean, with ``params[LOSS_PARAMS]`` as its parameters.
     ``grad_accum_steps`` splits the batch into that many microbatches whose
     gradients are averaged (``accumulate_gradients``) before one update.
+    ``frozen_variables(task)``: variable collections the model reads besides
+    the trained ``params`` (a LoRA student's frozen base weights).
 
     All randomness comes from ``fold_in(state.rng, state.step)``; timesteps and
     noise are drawn for the global batch, so a step gives the same result
@@ -97,23 +110,26 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     T = schedule.num_train_timesteps
     sample_timesteps = sample_timesteps or uniform_timesteps(T)
 
-    def step(state: TrainState, images: jax.Array, task=None):
+    def step(state: TrainState, batch, task=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-        t = sample_timesteps(rng_t, images.shape[0], task)
-        noise = jax.random.normal(rng_noise, images.shape, images.dtype)
+        x0, conditioning = split_batch(batch)
+        t = sample_timesteps(rng_t, x0.shape[0], task)
+        noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
 
         def loss_fn(params, batch, rng):
-            images, noise, t = batch
-            x_t = add_noise(schedule, images, noise, t)
-            eps = model.apply({"params": model_params(params)}, x_t, t, train=True, rngs={"dropout": rng})
-            per_example = per_example_loss(eps, noise, x_t, t, task)
+            x0, noise, t, conditioning = batch
+            x_t = add_noise(schedule, x0, noise, t)
+            variables = {"params": model_params(params), **(frozen_variables(task) if frozen_variables else {})}
+            prediction = model.apply(variables, x_t, t, *conditioning, train=True, rngs={"dropout": rng})
+            target = prediction_target(schedule, x0, noise, t)
+            per_example = per_example_loss(prediction, target, x_t, t, conditioning, task)
             if reduce_loss is None:
                 return per_example.mean(), per_example
             return reduce_loss(per_example, t, params[LOSS_PARAMS]), per_example
 
-        (loss, per_example), grads = accumulate_gradients(loss_fn, state.params, (images, noise, t), rng_dropout,
-                                                          grad_accum_steps)
+        (loss, per_example), grads = accumulate_gradients(loss_fn, state.params, (x0, noise, t, conditioning),
+                                                          rng_dropout, grad_accum_steps)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -131,28 +147,30 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
 
 
 def make_heldout_losses(model, schedule: NoiseSchedule):
-    """``losses(params, images, rng) -> (per-example loss, t)`` at evenly spread timesteps and fixed noise."""
+    """``losses(params, batch, rng) -> (per-example loss, t)`` at evenly spread timesteps and fixed noise; ``batch``
+    as the training step takes it."""
 
-    def heldout_losses(params, images, rng):
-        t = spread_timesteps(images.shape[0], schedule.num_train_timesteps)
-        noise = jax.random.normal(rng, images.shape, images.dtype)
-        eps = model.apply({"params": model_params(params)}, add_noise(schedule, images, noise, t), t)
-        return epsilon_loss(eps, noise), t
+    def heldout_losses(params, batch, rng):
+        x0, conditioning = split_batch(batch)
+        t = spread_timesteps(x0.shape[0], schedule.num_train_timesteps)
+        noise = jax.random.normal(rng, x0.shape, x0.dtype)
+        prediction = model.apply({"params": model_params(params)}, add_noise(schedule, x0, noise, t), t, *conditioning)
+        return epsilon_loss(prediction, prediction_target(schedule, x0, noise, t)), t
 
     return heldout_losses
 
 
 def make_heldout_loss(model, schedule: NoiseSchedule, boundaries):
-    """``loss(params, images, rng) -> (sums, counts)`` of the held-out losses per interval of ``boundaries``."""
+    """``loss(params, batch, rng) -> (sums, counts)`` of the held-out losses per interval of ``boundaries``."""
     losses = make_heldout_losses(model, schedule)
-    return lambda params, images, rng: interval_sums(*losses(params, images, rng), boundaries)
+    return lambda params, batch, rng: interval_sums(*losses(params, batch, rng), boundaries)
 
 
-def make_interval_loss(model, schedule: NoiseSchedule, images, boundaries, rng):
-    """``loss(params, rng=rng) -> (N,)`` numpy held-out loss per interval of ``boundaries`` on ``images``.
+def make_interval_loss(model, schedule: NoiseSchedule, batch, boundaries, rng):
+    """``loss(params, rng=rng) -> (N,)`` numpy held-out loss per interval of ``boundaries`` on ``batch``.
 
     The noise is ``rng``'s unless another key is passed; one compilation serves every key.
     """
     losses = make_heldout_losses(model, schedule)
-    fn = jax.jit(lambda params, images, rng: interval_means(*losses(params, images, rng), boundaries))
-    return lambda params, rng=rng: np.asarray(fn(params, images, rng))
+    fn = jax.jit(lambda params, batch, rng: interval_means(*losses(params, batch, rng), boundaries))
+    return lambda params, rng=rng: np.asarray(fn(params, batch, rng))

@@ -27,6 +27,10 @@ def validate_model(model) -> None:
     fields = set(field_names(MODEL_CLASSES[class_name])) | {"class_name"}
     unknown = sorted(set(model) - fields)
     require(not unknown, f"config.model has unknown fields {unknown}; {class_name} takes {sorted(fields)}.")
+    require(model.get("dtype", "float32") in ("float32", "bfloat16"),
+            f"config.model.dtype={model.get('dtype')!r}: use 'float32' or 'bfloat16'.")
+    if class_name != "UNet2D":  # loaded from a checkpoint (Stable Diffusion's UNet), which its loader checked
+        return
     channels, groups = list(model.block_out_channels), model.norm_num_groups
     levels = len(channels)
     require(len(model.down_block_types) == levels and len(model.up_block_types) == levels,
@@ -42,8 +46,6 @@ def validate_model(model) -> None:
     size = model.sample_size
     require(size and size % 2 ** (levels - 1) == 0,
             f"config.model.sample_size={size} must be divisible by 2**{levels - 1} for {levels} levels.")
-    require(model.get("dtype", "float32") in ("float32", "bfloat16"),
-            f"config.model.dtype={model.get('dtype')!r}: use 'float32' or 'bfloat16'.")
 
 
 def validate_config(config, workdir, data_devices: int | None = None) -> None:
@@ -79,11 +81,13 @@ def validate_config(config, workdir, data_devices: int | None = None) -> None:
     require(config.diffusion.num_train_timesteps >= train.loss_intervals,
             f"config.diffusion.num_train_timesteps={config.diffusion.num_train_timesteps} is smaller than "
             f"config.train.loss_intervals={train.loss_intervals}.")
-    require(config.data.image_size == config.model.sample_size,
-            f"config.data.image_size={config.data.image_size} differs from config.model.sample_size="
-            f"{config.model.sample_size}; set both to the image size the model is trained on.")
-    require(config.data.channels == config.model.in_channels == config.model.out_channels,
-            f"config.data.channels={config.data.channels} must equal config.model.in_channels and out_channels.")
+    if config.model.get("class_name", "UNet2D") == "UNet2D":  # a text-to-image UNet sees latents, not config.data
+        require(config.data.image_size == config.model.sample_size,
+                f"config.data.image_size={config.data.image_size} differs from config.model.sample_size="
+                f"{config.model.sample_size}; set both to the image size the model is trained on.")
+        require(config.data.channels == config.model.in_channels == config.model.out_channels,
+                f"config.data.channels={config.data.channels} must equal config.model.in_channels and "
+                "out_channels.")
     axes = list(config.mesh.shape)
     require(set(axes) <= {"replica", "data"} and "data" in axes,
             f"config.mesh.shape has the axes {axes}: give `data` (and `replica` for stacked DeMe replicas).")
