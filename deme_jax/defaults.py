@@ -246,7 +246,8 @@ def deme_config() -> ml_collections.ConfigDict:
         patience=20,  # stop after this many steps without a new lowest loss on the held-back images
         stop_fraction=0.5,  # of the held-out images, held back from the fit for early stopping
         # The score: per-interval held-out loss relative to the pretrained model's, or "fd_mnist" / "fid" of
-        # samples (config.evaluate's sampler and sample count).
+        # samples (config.evaluate's sampler and sample count); Stable Diffusion: "fid" or "clip_score" of images
+        # for config.evaluate.prompts (its COCO-protocol settings, first noise seed).
         metric="heldout_loss",
         ties_density=0.2,
         dare_drop_rate=0.1,

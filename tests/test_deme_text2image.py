@@ -96,6 +96,7 @@ def test_text_states_reach_every_replica_of_a_stacked_step():
         np.testing.assert_allclose(metrics["loss"][i], one["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow  # a minute on 2 cores; test_lora.py checks dense deltas by default
 def test_lora_replica_starts_exactly_at_the_pretrained_model_and_merges_as_dense_replicas():
     from deme_jax.merge import merge, weight_groups
     from deme_jax.models import LoRAModel, apply_lora, init_lora, lora_targets, merged_adapters
@@ -321,19 +322,24 @@ def test_shipped_stable_diffusion_configs_are_valid(name, tmp_path):
     assert config.data.image_size == SD15_CONFIG["sample_size"] * 8
 
 
+@pytest.fixture(scope="module")
+def unet_params():
+    return init_params(UNET, jax.random.key(0))
+
+
 @pytest.mark.parametrize("deme, message", [
     (dict(lora_rank=0), r"config.deme.lora_rank=0: the LoRA rank must be a positive integer"),
     (dict(lora_targets=("projection",)), r"config.deme.lora_targets=\('projection',\): choose from"),
     (dict(lora_rank=9), r"rank=9 exceeds the kernel"),  # the tiny UNet's narrowest attention projection
 ])
-def test_bad_lora_settings_name_the_field(deme, message):
+def test_bad_lora_settings_name_the_field(deme, message, unet_params):
     from deme_jax.defaults import deme_config
     from deme_jax.deme.finetune import lora_student
     from deme_jax.train import ConfigError
 
     config = deme_config()
     config.deme.update(dict(lora=True, **deme))
-    params = init_params(UNET, jax.random.key(0))
+    params = unet_params
     with pytest.raises(ConfigError, match=message):
         lora_student(config, UNET, params, params)
 
@@ -367,7 +373,30 @@ def test_kills_at_five_moments_leave_stable_diffusion_finetuning_bit_identical(s
                 "--config.train.sample_every=0", "--config.eval.num_images=4"]
 
     reference = run(*finetune(tmp_path / "uninterrupted"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
     workdir = tmp_path / "run"
     soak(finetune(workdir), workdir, seed=2, step_delay=0.5)
     assert_trees_equal(raw_state(workdir), raw_state(tmp_path / "uninterrupted"))
+
+
+@pytest.mark.slow
+def test_merge_search_scored_by_clip_score_of_samples(sd_run):
+    """metric="clip_score": every candidate UNet samples the prompt file and is scored by CLIP (negated: lower
+    is better); the exported pipeline, evaluated the same way, has the best candidate's score."""
+    from deme_jax.deme import merge_replicas
+    from deme_jax.interop import load_stable_diffusion
+    from deme_jax.metrics.scoring import evaluate_pipeline
+    from tests.test_clip_score import random_clip, save_clip_directory
+
+    root = sd_run["root"]
+    clip_dir = save_clip_directory(random_clip(), root / "clip")
+    (root / "prompts.txt").write_text("a red bird\na bowl of soup\n")
+    config, workdir = finetuned(sd_run, "clip_merge")
+    config.merge.metric = "clip_score"
+    config.evaluate.update(dict(prompts=str(root / "prompts.txt"), clip_model=str(clip_dir), num_samples=2,
+                                batch_size=2, ddim_steps=2, guidance_scale=3.0, metrics=("clip_score",), num_seeds=1))
+    result = merge_replicas(config, workdir)
+    assert len(result["candidates"]) == 4
+    assert result["score"] == min(c["score"] for c in result["candidates"])
+    merged = evaluate_pipeline(load_stable_diffusion(workdir / "merge" / "diffusers"), config.evaluate, config.data)
+    assert merged["per_seed"][0]["clip_score"] == pytest.approx(-result["score"], rel=1e-5)

@@ -51,15 +51,15 @@ def replica_streams(config, workdir, pipeline=None) -> list[BatchStream]:
             for seed in seeds]
 
 
-def heldout_batch(config, workdir, num: int, pipeline=None):
-    """The first ``num`` held-out examples as one batch: images, or ``{"latents", "text"}`` of the held-out cache,
-    each latent drawn once from its posterior (stream ``heldout_latents``), no caption dropout."""
+def heldout_batch(config, workdir, num: int, pipeline=None, field: str = "config.eval.num_images"):
+    """The first ``num`` (``field``) held-out examples as one batch: images, or ``{"latents", "text"}`` of the
+    held-out cache, each latent drawn once from its posterior (stream ``heldout_latents``), no caption dropout."""
     if pipeline is None:
         return heldout_images(config.data, num)
     cache = open_cache(config, workdir, config.cache.heldout_split, pipeline)
-    require(0 < num <= len(cache), f"asked for {num} held-out pairs; the cache of split "
-                                   f"{config.cache.heldout_split!r} holds {len(cache)}: lower config.eval.num_images "
-                                   "or cache more held-out pairs.")
+    require(0 < num <= len(cache), f"{field}={num} held-out pairs, but the cache of split "
+                                   f"{config.cache.heldout_split!r} holds {len(cache)}: lower {field} or cache more "
+                                   "held-out pairs.")
     seed = stream_seed(config.seed, "heldout_latents")
     return draw_examples(cache, range(num), [(*seed, row) for row in range(num)])
 

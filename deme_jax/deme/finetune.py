@@ -263,7 +263,7 @@ def sampler_of(config, parts, pipeline):
     if pipeline is None:
         return lambda params, noise: ddim_sample(parts["sampler"], model_params(params), schedule, noise, steps)
     n = config.sample.num_images
-    text = heldout_batch(config, parts["workdir"], n, pipeline)["text"]
+    text = heldout_batch(config, parts["workdir"], n, pipeline, "config.sample.num_images")["text"]
     empty = np.broadcast_to(parts["streams"][0].source.empty_text, text.shape)
     guided = config.sample.guidance_scale > 1.0
     states = jnp.asarray(np.concatenate([empty, text]) if guided else text)
@@ -306,7 +306,7 @@ def replica_job(config, mesh, parts: dict, stacked: bool, pipeline=None) -> Job:
         state_shardings=shardings,
         mesh=mesh,
         heldout_loss=parts["heldout_loss"],
-        sample=sampler_of(config, parts, pipeline),
+        sample=sampler_of(config, parts, pipeline) if config.train.sample_every else None,
         step_args=(jax.device_put(parts["tasks"], task_shardings),),
         num_replicas=len(streams) if stacked else None,
         heldout=lambda: heldout_batch(config, parts["workdir"], config.eval.num_images, pipeline),

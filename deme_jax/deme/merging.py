@@ -36,12 +36,13 @@ from deme_jax.interop import save_diffusers_unet, save_lora, save_orbax_model, s
 from deme_jax.merge import METHODS, merge, weight_groups
 from deme_jax.models import LoRAModel, merged_adapters
 from deme_jax.merge.search import SEARCHES, coordinate_descent, gradient_search, grid_search
-from deme_jax.metrics.scoring import Scorer, sample_noise
+from deme_jax.metrics.scoring import Scorer, TextToImageScorer, sample_noise
 from deme_jax.randomness import stream_key
 from deme_jax.train.step import make_heldout_losses, make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
-METRICS = ("heldout_loss", "fd_mnist", "fid")
+METRICS = ("heldout_loss", "fd_mnist", "fid", "clip_score")
+TEXT_TO_IMAGE_METRICS = ("heldout_loss", "fid", "clip_score")
 GRANULARITIES = ("replica", "block")
 PENALTY_TARGETS = ("uniform", "grid")
 
@@ -105,13 +106,21 @@ def merge_options(merge_config, seed: int) -> dict:
     return {}
 
 
-def make_score(config, run_config, model, schedule, interval_loss, reference):
-    """``score(params) -> float`` (lower is better) for config.merge.metric."""
+def make_score(config, run_config, model, schedule, interval_loss, reference, pipeline=None):
+    """``score(params) -> float`` (lower is better: the CLIP score enters negated) for config.merge.metric.
+
+    Sample metrics use config.evaluate's sampler, sample count and first noise seed; a Stable Diffusion
+    ``pipeline`` is scored with the merged UNet in it, by the COCO protocol (``TextToImageScorer``).
+    """
     metric = config.merge.metric
     if metric == "heldout_loss":
         return lambda params: float(np.mean(interval_loss(params) / reference))
     evaluation = config.evaluate.copy_and_resolve_references()
     evaluation.metrics = (metric,)
+    if pipeline is not None:
+        scorer, sign = TextToImageScorer(evaluation, run_config.data), -1.0 if metric == "clip_score" else 1.0
+        return lambda params: sign * scorer(pipeline.replace(unet=model, params={**pipeline.params, "unet": params}),
+                                            0)[1][metric]
     scorer = Scorer(evaluation, run_config.data)
     data = run_config.data
     shape = (data.image_size, data.image_size, data.channels)
@@ -196,9 +205,10 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
         if (out / name).exists():
             raise FileExistsError(f"{out / name} exists from an earlier merge: move it away to merge again.")
     pipeline = load_pretrained_pipeline(run_config)
-    require(pipeline is None or config.merge.metric == "heldout_loss",
-            f"config.merge.metric={config.merge.metric!r} scores pixel samples; a Stable Diffusion merge is scored "
-            "with metric='heldout_loss' (held-out pairs of the latent cache).")
+    metrics = METRICS if pipeline is None else TEXT_TO_IMAGE_METRICS
+    require(config.merge.metric in metrics and (pipeline is not None or config.merge.metric != "clip_score"),
+            f"config.merge.metric={config.merge.metric!r} does not score this model: use one of "
+            f"{[m for m in metrics if pipeline is not None or m != 'clip_score']}.")
     _, teacher_params, _, base = load_pretrained(run_config, pipeline)
     adapters = None
     if run_config.deme.get("lora"):  # task vectors of LoRA replicas are their dense deltas: merge the dense replicas
@@ -216,7 +226,7 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
     reference = interval_loss(base)
     options = merge_options(config.merge, config.seed)
     merged_fn = jax.jit(lambda w, base, replicas: merge(base, replicas, w, config.merge.method, **options))
-    score_params = make_score(config, run_config, model, schedule, interval_loss, reference)
+    score_params = make_score(config, run_config, model, schedule, interval_loss, reference, pipeline)
 
     writer = metric_writers.create_default_writer(out, just_logging=jax.process_index() > 0)
 

@@ -132,60 +132,77 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
 
-def evaluate_pipeline(pipeline, eval_config, data_config, clip_scorer=None) -> dict:
-    """Text-to-image evaluation, the COCO protocol: one image per prompt of ``eval_config.prompts`` (the first
-    ``num_samples``), guided (``guidance_scale``) by DDIM or DPM-Solver++ (``sampler``, ``ddim_steps`` steps) at
-    the pipeline's resolution; FID and KID of the images resized to ``fid_resolution`` against
-    ``eval_config.reference`` (an image folder, read as ``data_config`` reads one, at that size; or pytorch-fid
-    ``.npz`` statistics), and the CLIP score of the full-size images with their prompts (``clip_model``, a
-    transformers CLIP directory). Each of ``num_seeds`` seeds draws its own initial latents (stream
-    ``eval_noise``); scores per seed and their spread.
-    """
-    from deme_jax.metrics.clip_score import CLIPScorer
+class TextToImageScorer:
+    """The COCO protocol's scoring, set up once (prompts, reference features, the CLIP model):
+    ``images, scores = scorer(pipeline, k)`` samples the pipeline for the prompts with seed ``k``'s latents.
 
-    metrics = tuple(eval_config.metrics)
-    unknown = sorted(set(metrics) - set(TEXT_TO_IMAGE_METRICS))
-    if unknown:
-        raise ValueError(f"config.evaluate.metrics has {unknown}; a text-to-image model is scored with "
-                         f"{list(TEXT_TO_IMAGE_METRICS)}.")
-    if eval_config.sampler not in ("ddim", "dpmpp_2m"):
-        raise ValueError(f"config.evaluate.sampler={eval_config.sampler!r}: a text-to-image model samples with "
-                         "'ddim' or 'dpmpp_2m'.")
-    prompts = read_prompts(eval_config.prompts)[:eval_config.num_samples]
-    if "clip_score" in metrics and clip_scorer is None:
-        if not eval_config.clip_model:
-            raise ValueError("config.evaluate.metrics has 'clip_score' but config.evaluate.clip_model is empty: give "
-                             "a transformers CLIP directory (the paper: ViT-g/14), or drop the metric.")
-        clip_scorer = CLIPScorer.from_directory(eval_config.clip_model)
-    image_metrics = tuple(m for m in metrics if m != "clip_score")
-    scorer = None
-    if image_metrics:
-        if eval_config.reference in ("heldout", "train"):
-            raise ValueError(f"config.evaluate.reference={eval_config.reference!r}: a text-to-image model's FID "
-                             "reference is an image folder (e.g. COCO val2014) or pytorch-fid .npz statistics.")
-        reference = ml_collections.ConfigDict(data_config.to_dict())  # a folder read at fid_resolution, in RGB
-        reference.update(dict(image_size=eval_config.fid_resolution, channels=3))
-        scorer = Scorer(ml_collections.ConfigDict({**eval_config.to_dict(), "metrics": image_metrics}), reference)
-    f, unet = pipeline.vae_scale_factor, pipeline.unet
-    shape = (unet.sample_size, unet.sample_size, unet.in_channels)
-    per_seed, samples = [], None
-    for k in range(eval_config.num_seeds):
-        latents = jax.random.normal(sample_noise(eval_config, k), (len(prompts), *shape))
+    One image per prompt of ``eval_config.prompts`` (the first ``num_samples``), guided (``guidance_scale``) by
+    DDIM or DPM-Solver++ (``sampler``, ``ddim_steps`` steps) at the pipeline's resolution; FID and KID of the
+    images resized to ``fid_resolution`` against ``eval_config.reference`` (an image folder, read as
+    ``data_config`` reads one, at that size; or pytorch-fid ``.npz`` statistics), and the CLIP score of the
+    full-size images with their prompts (``clip_model``, a transformers CLIP directory). Seed ``k``'s latents are
+    stream ``eval_noise`` k: the same for every model scored with one config.
+    """
+
+    def __init__(self, eval_config, data_config):
+        from deme_jax.metrics.clip_score import CLIPScorer
+
+        metrics = tuple(eval_config.metrics)
+        unknown = sorted(set(metrics) - set(TEXT_TO_IMAGE_METRICS))
+        if unknown:
+            raise ValueError(f"config.evaluate.metrics has {unknown}; a text-to-image model is scored with "
+                             f"{list(TEXT_TO_IMAGE_METRICS)}.")
+        if eval_config.sampler not in ("ddim", "dpmpp_2m"):
+            raise ValueError(f"config.evaluate.sampler={eval_config.sampler!r}: a text-to-image model samples with "
+                             "'ddim' or 'dpmpp_2m'.")
+        self.config = eval_config
+        self.prompts = read_prompts(eval_config.prompts)[:eval_config.num_samples]
+        self.clip = None
+        if "clip_score" in metrics:
+            if not eval_config.clip_model:
+                raise ValueError("config.evaluate.metrics has 'clip_score' but config.evaluate.clip_model is empty: "
+                                 "give a transformers CLIP directory (the paper: ViT-g/14), or drop the metric.")
+            self.clip = CLIPScorer.from_directory(eval_config.clip_model)
+        image_metrics = tuple(m for m in metrics if m != "clip_score")
+        self.images = None
+        if image_metrics:
+            if eval_config.reference in ("heldout", "train"):
+                raise ValueError(f"config.evaluate.reference={eval_config.reference!r}: a text-to-image model's FID "
+                                 "reference is an image folder (e.g. COCO val2014) or pytorch-fid .npz statistics.")
+            reference = ml_collections.ConfigDict(data_config.to_dict())  # a folder read at fid_resolution, in RGB
+            reference.update(dict(image_size=eval_config.fid_resolution, channels=3))
+            self.images = Scorer(ml_collections.ConfigDict({**eval_config.to_dict(), "metrics": image_metrics}),
+                                 reference)
+
+    def __call__(self, pipeline, k: int) -> tuple[np.ndarray, dict[str, float]]:
+        config, unet, prompts = self.config, pipeline.unet, self.prompts
+        latents = jax.random.normal(sample_noise(config, k), (len(prompts), unet.sample_size, unet.sample_size,
+                                                              unet.in_channels))
         images = []
-        for i in range(0, len(prompts), eval_config.batch_size):
-            chunk = slice(i, i + eval_config.batch_size)
-            batch = generate(pipeline, prompts[chunk], latents=latents[chunk], scheduler=eval_config.sampler,
-                             num_inference_steps=eval_config.ddim_steps, guidance_scale=eval_config.guidance_scale)
+        for i in range(0, len(prompts), config.batch_size):
+            chunk = slice(i, i + config.batch_size)
+            batch = generate(pipeline, prompts[chunk], latents=latents[chunk], scheduler=config.sampler,
+                             num_inference_steps=config.ddim_steps, guidance_scale=config.guidance_scale)
             images.append(to_uint8(batch * 2 - 1))
             logging.info("seed %d: %d/%d images", k, i + len(batch), len(prompts))
         images = np.concatenate(images)
-        scores = scorer.score(resize_uint8(images, eval_config.fid_resolution)) if scorer else {}
-        if clip_scorer is not None:
-            scores["clip_score"] = clip_scorer(images, prompts)[1]
+        scores = self.images.score(resize_uint8(images, config.fid_resolution)) if self.images else {}
+        if self.clip is not None:
+            scores["clip_score"] = self.clip(images, prompts)[1]
+        return images, scores
+
+
+def evaluate_pipeline(pipeline, eval_config, data_config) -> dict:
+    """``TextToImageScorer``'s scores of ``pipeline`` over ``eval_config.num_seeds`` seeds, and their spread."""
+    scorer = TextToImageScorer(eval_config, data_config)
+    per_seed, samples = [], None
+    for k in range(eval_config.num_seeds):
+        images, scores = scorer(pipeline, k)
         per_seed.append(scores)
         logging.info("noise seed %d: %s", k, scores)
         samples = images if k == 0 else samples
-    return {"per_seed": per_seed, "summary": summarise(per_seed), "samples": samples, "num_samples": len(prompts),
-            "resolution": shape[0] * f, "fid_resolution": eval_config.fid_resolution,
-            "num_reference": scorer.num_reference if scorer else None, "sampler": eval_config.sampler,
+    return {"per_seed": per_seed, "summary": summarise(per_seed), "samples": samples,
+            "num_samples": len(scorer.prompts), "resolution": samples.shape[1],
+            "fid_resolution": eval_config.fid_resolution,
+            "num_reference": scorer.images.num_reference if scorer.images else None, "sampler": eval_config.sampler,
             "steps": eval_config.ddim_steps, "guidance_scale": eval_config.guidance_scale}
