@@ -83,23 +83,25 @@ def compiled_memory(replicas: int, batch: int, dtype: str, lora_rank: int, remat
                              + memory.temp_size_in_bytes - memory.alias_size_in_bytes)}
 
 
+VARIANTS = {"full_remat_off": ("full", False), "lora_remat_off": ("lora", False), "full_remat_on": ("full", True),
+            "lora_remat_on": ("lora", True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which to compile (each takes minutes on a CPU); others already in the results file "
+                             "with the same settings are kept")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
     import jax
 
-    results = {}
-    for kind, rank in (("full", 0), ("lora", args.lora_rank)):
-        for remat in (False, True):
-            name = f"{kind}_remat_{'on' if remat else 'off'}"
-            results[name] = compiled_memory(args.replicas, args.batch, args.dtype, rank, remat)
-            print(name, json.dumps(results[name]), flush=True)
+    path = args.out / f"sd_deme_memory-{jax.devices()[0].platform}.json"
     record = {
         "benchmark": "sd_deme_memory",
         "settings": {"replicas": args.replicas, "batch_per_replica": args.batch, "dtype": args.dtype,
@@ -109,11 +111,19 @@ def main() -> None:
                      "mode": "stacked", "devices": jax.device_count()},
         "machine": machine(),
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")},
-        "results": results,
+        "results": {},
     }
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier["settings"] == record["settings"]:
+            record["results"] = earlier["results"]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sd_deme_memory-{jax.devices()[0].platform}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    for name in args.variants:
+        kind, remat = VARIANTS[name]
+        record["results"][name] = compiled_memory(args.replicas, args.batch, args.dtype,
+                                                  args.lora_rank if kind == "lora" else 0, remat)
+        print(name, json.dumps(record["results"][name]), flush=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")  # after each variant: compiles take minutes
     print(f"wrote {path}")
 
 
