@@ -29,7 +29,7 @@ def perturbed(params, seed: int, scale: float = 0.05):
     return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", [pytest.param("epsilon", marks=pytest.mark.slow), "v_prediction"])
 def test_conditional_step_equals_a_hand_built_reference(prediction_type):
     """Loss, teacher term and interval sampling of one replica's step, given latents and text states."""
     schedule = make_schedule(**SD_SCHEDULE, prediction_type=prediction_type)
@@ -75,6 +75,7 @@ def test_conditional_step_equals_a_hand_built_reference(prediction_type):
     assert float(jax.jit(step)(state, other, task)[1]["loss"]) != pytest.approx(float(metrics["loss"]), rel=1e-4)
 
 
+@pytest.mark.slow  # the end-to-end stacked test checks the same through `deme finetune`
 def test_text_states_reach_every_replica_of_a_stacked_step():
     """Stacked replicas take their own slice of a pytree batch (latents and text states)."""
     from deme_jax.deme.replicas import init_replicas, map_over_replicas, replica_slice
