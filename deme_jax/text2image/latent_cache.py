@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -250,14 +251,18 @@ class LatentCache:
         self.index, self.spec = index, index["spec"]
         self.empty_text = np.load(self.path / EMPTY_TEXT).astype(np.float32)
         self._shards: dict[int, dict[str, np.ndarray]] = {}
+        # Prefetch threads open shards; CPython 3.11's ast.literal_eval (which parses each .npy header) is not
+        # thread-safe ("AST constructor recursion depth mismatch"), so one thread opens a shard at a time.
+        self._opening = threading.Lock()
 
     def __len__(self) -> int:
         return self.spec["num_examples"]
 
     def shard(self, k: int) -> dict[str, np.ndarray]:
-        if k not in self._shards:
-            self._shards[k] = {a: np.load(self.path / shard_name(k) / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
-        return self._shards[k]
+        with self._opening:
+            if k not in self._shards:
+                self._shards[k] = {a: np.load(self.path / shard_name(k) / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
+            return self._shards[k]
 
     def rows(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float32 (posterior mean, posterior std, text states) of the examples ``indices``."""
