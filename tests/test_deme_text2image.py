@@ -56,14 +56,14 @@ def test_conditional_step_equals_a_hand_built_reference(prediction_type):
     x0 = batch["latents"].astype(np.float64)
     x_t = (np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32)
     target = noise if prediction_type == "epsilon" else np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
-    teacher_out = np.asarray(UNET.apply({"params": teacher_params}, x_t, t, batch["text"]), np.float64)
+    teacher_out = np.asarray(jax.jit(UNET.apply)({"params": teacher_params}, x_t, t, batch["text"]), np.float64)
 
     def loss(params):
         out = student.apply({"params": params}, x_t, t, batch["text"])
         mse = lambda a, b: jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
         return jnp.mean(mse(out, target.astype(np.float32)) + lam * mse(out, teacher_out.astype(np.float32)))
 
-    expected_loss, expected_grads = jax.value_and_grad(loss)(student_params)
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(loss))(student_params)
     assert float(metrics["loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
     assert metrics["interval_count"].sum() == 4
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])  # noqa: E731
@@ -353,7 +353,7 @@ def test_a_missing_heldout_cache_names_the_command_that_makes_it(tmp_path):
     config = deme_config()
     with pytest.raises(ConfigError, match=r"No latent cache of split 'heldout' at .*latent_cache/heldout: run `deme "
                                           r"cache-latents .* --config.data.split=heldout` first"):
-        heldout_batch(config, tmp_path, 8, pipeline=object())
+        heldout_batch(config, tmp_path, 8, fingerprint="0123456789abcdef")
 
 
 @pytest.mark.slow

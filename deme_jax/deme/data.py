@@ -19,7 +19,7 @@ from deme_jax.data import heldout_images, make_source
 from deme_jax.data.stream import BatchStream
 from deme_jax.randomness import stream_seed
 from deme_jax.text2image import LatentStream, latent_cache_dir, open_latent_cache
-from deme_jax.text2image.latent_cache import draw_examples, weights_fingerprint
+from deme_jax.text2image.latent_cache import draw_examples
 from deme_jax.train.validate import require
 
 
@@ -28,35 +28,38 @@ def is_text_to_image(config) -> bool:
     return bool(config.deme.pretrained) and (Path(config.deme.pretrained) / "model_index.json").is_file()
 
 
-def open_cache(config, workdir, split: str, pipeline):
+def open_cache(config, workdir, split: str, fingerprint: str):
     """The complete latent cache of ``split`` for ``config`` (config.cache.dir, default ``workdir/latent_cache``),
-    made by ``pipeline``'s encoders."""
+    made by the encoders of ``fingerprint`` (``weights_fingerprint`` of the pretrained pipeline, computed once per
+    run: it hashes the VAE and text encoder)."""
     path = latent_cache_dir(config.cache.dir, workdir, split)
     require(path.is_dir(), f"No latent cache of split {split!r} at {path}: run `deme cache-latents --config=... "
                            f"--workdir={workdir} --config.data.split={split}` first (config.cache.dir says where "
                            "caches live).")
-    return open_latent_cache(path, weights_fingerprint(pipeline))
+    return open_latent_cache(path, fingerprint)
 
 
-def replica_streams(config, workdir, pipeline=None) -> list[BatchStream]:
+def replica_streams(config, workdir, fingerprint: str | None = None) -> list[BatchStream]:
     """Replica i's global batches (its ``data`` stream): its own order of the training set, the same in either mode
-    and on any process. Text-to-image: ``{"latents", "text"}`` batches of the training split's cache."""
+    and on any process. Text-to-image (``fingerprint`` given): ``{"latents", "text"}`` batches of the training
+    split's cache."""
     seeds = [stream_seed(config.seed, "data", i) for i in range(config.deme.num_replicas)]
-    if pipeline is None:
+    if fingerprint is None:
         source = make_source(config.data)
         return [BatchStream(source, config.train.batch_size, seed=seed, random_flip=config.data.random_flip)
                 for seed in seeds]
-    cache = open_cache(config, workdir, config.data.split, pipeline)
+    cache = open_cache(config, workdir, config.data.split, fingerprint)
     return [LatentStream(cache, config.train.batch_size, seed=seed, caption_dropout=config.data.caption_dropout)
             for seed in seeds]
 
 
-def heldout_batch(config, workdir, num: int, pipeline=None, field: str = "config.eval.num_images"):
-    """The first ``num`` (``field``) held-out examples as one batch: images, or ``{"latents", "text"}`` of the
-    held-out cache, each latent drawn once from its posterior (stream ``heldout_latents``), no caption dropout."""
-    if pipeline is None:
+def heldout_batch(config, workdir, num: int, fingerprint: str | None = None, field: str = "config.eval.num_images"):
+    """The first ``num`` (``field``) held-out examples as one batch: images, or (``fingerprint`` given)
+    ``{"latents", "text"}`` of the held-out cache, each latent drawn once from its posterior (stream
+    ``heldout_latents``), no caption dropout."""
+    if fingerprint is None:
         return heldout_images(config.data, num)
-    cache = open_cache(config, workdir, config.cache.heldout_split, pipeline)
+    cache = open_cache(config, workdir, config.cache.heldout_split, fingerprint)
     require(0 < num <= len(cache), f"{field}={num} held-out pairs, but the cache of split "
                                    f"{config.cache.heldout_split!r} holds {len(cache)}: lower {field} or cache more "
                                    "held-out pairs.")

@@ -54,6 +54,7 @@ from deme_jax.interop import load_model, load_run, load_stable_diffusion
 from deme_jax.interop.scheduler import diffusers_schedule_fields
 from deme_jax.models import LoRAModel, init_lora, lora_targets, model_fields
 from deme_jax.randomness import stream_key, stream_seed
+from deme_jax.text2image.latent_cache import weights_fingerprint
 from deme_jax.text2image.pipeline import images_from_states
 from deme_jax.train.loop import Job, report_boundaries, run_training
 from deme_jax.train.sharding import make_mesh, replicated, state_shardings
@@ -263,7 +264,7 @@ def sampler_of(config, parts, pipeline):
     if pipeline is None:
         return lambda params, noise: ddim_sample(parts["sampler"], model_params(params), schedule, noise, steps)
     n = config.sample.num_images
-    text = heldout_batch(config, parts["workdir"], n, pipeline, "config.sample.num_images")["text"]
+    text = heldout_batch(config, parts["workdir"], n, parts["fingerprint"], "config.sample.num_images")["text"]
     empty = np.broadcast_to(parts["streams"][0].source.empty_text, text.shape)
     guided = config.sample.guidance_scale > 1.0
     states = jnp.asarray(np.concatenate([empty, text]) if guided else text)
@@ -279,8 +280,9 @@ def replica_job(config, mesh, parts: dict, stacked: bool, pipeline=None) -> Job:
 
     ``parts``: the step, the student's initial parameters, the optimizer,
     the replicas' ``rngs``, ``streams`` and ``tasks`` (one replica's when not
-    stacked), the held-out loss and the model that samples (the timestep
-    ensemble of stacked replicas).
+    stacked), the held-out loss, the held-out batch (``heldout``, made once
+    per run), the caches' ``fingerprint`` (None for a pixel model) and the
+    model that samples (the timestep ensemble of stacked replicas).
     """
     streams, spec = parts["streams"], batch_spec(config, parts["streams"][0])
     if stacked:
@@ -309,7 +311,7 @@ def replica_job(config, mesh, parts: dict, stacked: bool, pipeline=None) -> Job:
         sample=sampler_of(config, parts, pipeline) if config.train.sample_every else None,
         step_args=(jax.device_put(parts["tasks"], task_shardings),),
         num_replicas=len(streams) if stacked else None,
-        heldout=lambda: heldout_batch(config, parts["workdir"], config.eval.num_images, pipeline),
+        heldout=parts["heldout"],
         sample_shape=sample_shape,
     )
 
@@ -343,6 +345,7 @@ def finetune(config, workdir: str | Path, interval_similarity=None):
         student_params = {**student_params, LOSS_PARAMS: {
             "log_variances": jnp.zeros((config.deme.uncertainty_tasks,), jnp.float32)}}
     optimizer, boundaries = make_optimizer(config.optim), report_boundaries(config)
+    fingerprint = None if pipeline is None else weights_fingerprint(pipeline)  # of the caches it reads
     trained, trained_params = lora_student(config, student, student_params, teacher_params)
     # evaluation and sampling read the frozen base of LoRA replicas from the model itself
     evaluated = LoRAModel(student, trained.scale, teacher_params) if config.deme.get("lora") else student
@@ -354,7 +357,9 @@ def finetune(config, workdir: str | Path, interval_similarity=None):
                                timestep_weight(config, schedule), reduce_loss, config.train.grad_accum_steps,
                                lora=bool(config.deme.get("lora"))),
         params=trained_params, optimizer=optimizer, schedule=schedule,
-        rngs=replica_rngs(config.seed, N), streams=replica_streams(config, workdir, pipeline), workdir=workdir,
+        rngs=replica_rngs(config.seed, N), streams=replica_streams(config, workdir, fingerprint), workdir=workdir,
+        fingerprint=fingerprint,
+        heldout=functools.cache(lambda: heldout_batch(config, workdir, config.eval.num_images, fingerprint)),
         tasks=interval_tasks(partition, teacher_params),
         heldout_loss=make_heldout_loss(evaluated, schedule, boundaries),
         sampler=TimestepEnsemble(evaluated, tuple(int(b) for b in partition)),

@@ -38,6 +38,7 @@ from deme_jax.models import LoRAModel, merged_adapters
 from deme_jax.merge.search import SEARCHES, coordinate_descent, gradient_search, grid_search
 from deme_jax.metrics.scoring import Scorer, TextToImageScorer, sample_noise
 from deme_jax.randomness import stream_key
+from deme_jax.text2image.latent_cache import weights_fingerprint
 from deme_jax.train.step import make_heldout_losses, make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
@@ -220,7 +221,8 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
             f"{run_config.deme.pretrained!r} (with projections: {run_config.deme.channel_projection}); merge "
             "replicas with the model they were finetuned from.")
     schedule = make_schedule(**run_config.diffusion)
-    images = heldout_batch(run_config, workdir, config.eval.num_images, pipeline)
+    images = heldout_batch(run_config, workdir, config.eval.num_images,
+                           None if pipeline is None else weights_fingerprint(pipeline))
     check_covers(num_rows(images), partition, f"config.eval.num_images={config.eval.num_images}")
     interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"))
     reference = interval_loss(base)
