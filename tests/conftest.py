@@ -1,7 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Deterministic, quiet CPU runs; torch shares the 2 cores with XLA.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests compile the same programs (the tiny config's steps, in this process and in the `deme` commands they
+# start): JAX's persistent compilation cache, empty at the start of each session unless one is given, compiles each
+# once. Set JAX_COMPILATION_CACHE_DIR to keep a cache between sessions.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="deme-jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 

@@ -63,6 +63,7 @@ def test_demo_names_a_missing_pretrained_model(tmp_path):
         run_demo(tmp_path, "huge", str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # 30 steps of the real recipe; the demo itself runs the shipped model
 def test_the_shipped_models_recipe_trains(tmp_path):
     from configs import mnist16_pretrain
     from deme_jax.train import train_and_evaluate

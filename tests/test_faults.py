@@ -54,6 +54,7 @@ def small_config(**train):
     return config
 
 
+@pytest.mark.slow  # through the shell; tests/test_workdir.py checks refusal and take-over by default
 def test_a_second_run_on_a_held_workdir_is_refused_at_once(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from deme_jax.train.workdir import WorkdirLock; "

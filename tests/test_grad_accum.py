@@ -85,6 +85,7 @@ def test_accumulation_needs_less_compiled_memory():
     assert accumulated < 0.5 * full, (accumulated, full)
 
 
+@pytest.mark.slow  # the unstacked step's accumulation is checked by default
 def test_accumulated_stacked_replica_step_equals_the_full_batch_step():
     """DeMe's step on stacked replicas: interval sampler with p, teacher, projections and ANT-UW's learnt weights."""
     n, schedule = 2, make_schedule()

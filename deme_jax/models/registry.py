@@ -56,8 +56,9 @@ def model_fields(model: nn.Module) -> dict:
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> dict:
-    """Fresh parameters of any registered model, from its ``example_inputs()``."""
-    return model.init(rng, *model.example_inputs())["params"]
+    """Fresh parameters of any registered model, from its ``example_inputs()``: one compiled program (running the
+    initialising forward pass op by op compiles each op apart, tens of seconds for a UNet)."""
+    return jax.jit(lambda rng: model.init(rng, *model.example_inputs())["params"])(rng)
 
 
 def param_shapes(model: nn.Module) -> dict:
