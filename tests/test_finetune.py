@@ -184,6 +184,10 @@ def test_merge_weights_of_the_wrong_length_and_other_architectures(pretrained, s
     config.merge.update(dict(search="none", weights=(0.5, 0.5, 0.5)))
     with pytest.raises(ConfigError, match=r"give one weight per replica \(2\)"):
         merge_replicas(config, workdir)
+    config.merge.update(dict(weights=(0.5, 0.5), metric="clip_score"))  # a text-to-image metric
+    with pytest.raises(ConfigError, match=r"metric='clip_score' does not score this model: use one of "
+                                          r"\['heldout_loss', 'fd_mnist', 'fid'\]"):
+        merge_replicas(config, workdir, tmp_path / "clip_merge")
     # replicas finetuned from another architecture than the pretrained model named now
     other = UNet2D(**{**{f: getattr(PRETRAINED, f) for f in ("sample_size", "in_channels", "out_channels",
                                                             "down_block_types", "up_block_types",

@@ -42,8 +42,9 @@ from deme_jax.text2image.latent_cache import weights_fingerprint
 from deme_jax.train.step import make_heldout_losses, make_interval_loss
 from deme_jax.train.validate import ConfigError, require
 
-METRICS = ("heldout_loss", "fd_mnist", "fid", "clip_score")
+PIXEL_METRICS = ("heldout_loss", "fd_mnist", "fid")
 TEXT_TO_IMAGE_METRICS = ("heldout_loss", "fid", "clip_score")
+METRICS = tuple(dict.fromkeys(PIXEL_METRICS + TEXT_TO_IMAGE_METRICS))
 GRANULARITIES = ("replica", "block")
 PENALTY_TARGETS = ("uniform", "grid")
 
@@ -120,8 +121,7 @@ def make_score(config, run_config, model, schedule, interval_loss, reference, pi
     evaluation.metrics = (metric,)
     if pipeline is not None:
         scorer, sign = TextToImageScorer(evaluation, run_config.data), -1.0 if metric == "clip_score" else 1.0
-        return lambda params: sign * scorer(pipeline.replace(unet=model, params={**pipeline.params, "unet": params}),
-                                            0)[1][metric]
+        return lambda params: sign * scorer(pipeline.with_unet(model, params), 0)[1][metric]
     scorer = Scorer(evaluation, run_config.data)
     data = run_config.data
     shape = (data.image_size, data.image_size, data.channels)
@@ -206,10 +206,9 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
         if (out / name).exists():
             raise FileExistsError(f"{out / name} exists from an earlier merge: move it away to merge again.")
     pipeline = load_pretrained_pipeline(run_config)
-    metrics = METRICS if pipeline is None else TEXT_TO_IMAGE_METRICS
-    require(config.merge.metric in metrics and (pipeline is not None or config.merge.metric != "clip_score"),
-            f"config.merge.metric={config.merge.metric!r} does not score this model: use one of "
-            f"{[m for m in metrics if pipeline is not None or m != 'clip_score']}.")
+    metrics = PIXEL_METRICS if pipeline is None else TEXT_TO_IMAGE_METRICS
+    require(config.merge.metric in metrics,
+            f"config.merge.metric={config.merge.metric!r} does not score this model: use one of {list(metrics)}.")
     _, teacher_params, _, base = load_pretrained(run_config, pipeline)
     adapters = None
     if run_config.deme.get("lora"):  # task vectors of LoRA replicas are their dense deltas: merge the dense replicas
@@ -268,8 +267,7 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
         if pipeline is None:
             save_diffusers_unet(model, merged, out / "diffusers")
         else:  # the whole pipeline with the merged UNet
-            save_stable_diffusion(pipeline.replace(unet=model, params={**pipeline.params, "unet": merged}),
-                                  out / "diffusers")
+            save_stable_diffusion(pipeline.with_unet(model, merged), out / "diffusers")
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         if adapters is not None:
             export_adapters(config, run_config, adapters, best, weight_groups(base), out / "lora")

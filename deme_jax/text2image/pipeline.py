@@ -45,6 +45,10 @@ class StableDiffusion:
     def replace(self, **changes) -> StableDiffusion:
         return dataclasses.replace(self, **changes)
 
+    def with_unet(self, unet: nn.Module, params: dict) -> StableDiffusion:
+        """This pipeline with another UNet (a finetuned or merged one) and its parameters."""
+        return self.replace(unet=unet, params={**self.params, "unet": params})
+
 
 def encode_prompts(pipeline: StableDiffusion, prompts: Sequence[str]) -> jax.Array:
     """The text encoder's last hidden states (B, 77, D) of ``prompts``, what the UNet attends to."""
