@@ -47,8 +47,9 @@ def fail(command: str, err: Exception):
 
 
 def quiet_background_errors() -> None:
-    """After a failed save, orbax's writer threads report the error (which reaches the main thread and is said in
-    one line there) and TensorStore's late callbacks find orbax's event loop closed; neither needs a traceback."""
+    """After a failed save, orbax's writer threads and asyncio's collector of unretrieved task errors (at exit,
+    after the main thread's message) report the disk-full error again, which the main thread says in one line; and
+    TensorStore's late callbacks find orbax's event loop closed. None of these needs saying."""
     import logging
     import threading
 
@@ -59,16 +60,16 @@ def quiet_background_errors() -> None:
     def loop_closed(exc) -> bool:
         return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
-    def strip_disk_full_traceback(record: logging.LogRecord) -> bool:
-        if record.exc_info and is_disk_full(record.exc_info[1]):
-            record.exc_info = record.exc_text = None
-        return True
+    def not_disk_full(record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return not is_disk_full(record.exc_info[1])
+        return "No space left on device" not in record.getMessage()
 
     thread_hook, main_hook, unraisable_hook = threading.excepthook, sys.excepthook, sys.unraisablehook
     threading.excepthook = lambda args: None if is_disk_full(args.exc_value) else thread_hook(args)
     sys.excepthook = lambda kind, exc, tb: None if loop_closed(exc) else main_hook(kind, exc, tb)
     sys.unraisablehook = lambda args: None if loop_closed(args.exc_value) else unraisable_hook(args)
-    absl_logging.get_absl_handler().addFilter(strip_disk_full_traceback)
+    absl_logging.get_absl_handler().addFilter(not_disk_full)
 
 
 def quiet_orbax() -> None:

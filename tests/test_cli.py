@@ -1,6 +1,8 @@
-"""The ``deme`` command end to end: format conversions and sampling."""
+"""The ``deme`` command end to end: format conversions, sampling, and what it prints when things go wrong."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -89,3 +91,29 @@ def test_fid_weights_converts_the_shipped_torchscript_network(tmp_path):
     network = torch.jit.load(fid_weights.find_fid_helper_weights(), map_location="cpu")
     first_conv = next(v for k, v in network.state_dict().items() if k.endswith("weight") and v.ndim == 4)
     np.testing.assert_array_equal(ours["Conv2d_1a_3x3.conv.weight"], first_conv.numpy())
+
+
+BACKGROUND_ERRORS = """
+import asyncio, gc, sys
+from absl import app
+from deme_jax.cli import quiet_background_errors
+
+async def fail(message):
+    raise ValueError(message)
+
+def main(_):
+    quiet_background_errors()
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(fail(m)) for m in ("Failed to write: No space left on device", "another fault")]
+    loop.run_until_complete(asyncio.sleep(0.01))
+    del tasks
+    gc.collect()  # asyncio reports the unretrieved errors now, as it does at exit after a failed save
+
+app.run(main)
+"""
+
+
+def test_background_reports_of_a_full_disk_are_quiet_and_others_are_not():
+    proc = subprocess.run([sys.executable, "-c", BACKGROUND_ERRORS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No space left" not in proc.stderr and "another fault" in proc.stderr, proc.stderr[-3000:]
