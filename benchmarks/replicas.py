@@ -1,6 +1,7 @@
-"""N stacked DeMe replicas against one: per-replica training throughput and peak memory as N grows.
+"""N stacked DeMe replicas against one: per-replica training throughput, compile time and memory as N grows.
 
     python benchmarks/replicas.py [--model mnist16|cifar10] [--batch 32] [--replicas 1 2 4 8] [--steps 10]
+        [--impl auto|unroll|lax_map|vmap]
 
 One DeMe training step (interval sampler, student forward and backward, frozen
 teacher forward for the consistency loss, AdamW, EMA) for N replicas stacked in
@@ -11,7 +12,7 @@ back; the target is >= 0.95x the N=1 run. Memory is
 XLA's compiled footprint (arguments + outputs + temporaries - aliased). The
 same step in PyTorch (diffusers' UNet2DModel, eager, AdamW) gives the reference's
 one-replica throughput on the same machine. Results go to
-``benchmarks/results/replicas-<model>-<platform>.json``.
+``benchmarks/results/replicas-<model>-<impl>-<platform>.json``.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
     if impl == "vmap":  # for comparison: kernels batched into grouped convolutions
         stacked = jax.vmap(step, in_axes=(0, 0, {"low": 0, "high": 0, "teacher": None}))
     else:
-        stacked = map_over_replicas(step, mesh)
+        stacked = map_over_replicas(step, mesh, unroll={"auto": None, "unroll": True, "lax_map": False}[impl])
     train = jax.jit(stacked, donate_argnums=0)
+    start = time.perf_counter()
     compiled = train.lower(state, images, task).compile()
+    compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     footprint = None
     if memory is not None:
@@ -90,7 +93,7 @@ def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
     for _ in range(steps):
         state, metrics = compiled(state, images, task)
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps, footprint, float(np.mean(jnp.asarray(metrics["loss"])))
+    return (time.perf_counter() - start) / steps, compile_s, footprint, float(np.mean(jnp.asarray(metrics["loss"])))
 
 
 def torch_step_time(model_fields, batch: int, steps: int) -> float:
@@ -138,8 +141,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="per replica")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--impl", choices=("map", "vmap"), default="map",
-                        help="how stacked replicas run: deme finetune's map_over_replicas, or jax.vmap")
+    parser.add_argument("--impl", choices=("auto", "unroll", "lax_map", "vmap"), default="auto",
+                        help="how stacked replicas run: deme finetune's map_over_replicas (auto: its choice for the "
+                             "backend; or forced unrolled / lax.map), or jax.vmap")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -159,14 +163,14 @@ def main() -> None:
                                                   "freq_shift", "norm_eps", "attention_head_dim")}
     rows = []
     for n in args.replicas:
-        seconds, footprint, loss = jax_step_time(fields, n, args.batch, args.steps, args.impl)
+        seconds, compile_s, footprint, loss = jax_step_time(fields, n, args.batch, args.steps, args.impl)
         rows.append({"replicas": n, "step_s": seconds, "replica_images_per_s": n * args.batch / seconds,
-                     "compiled_memory_bytes": footprint, "loss": loss})
-        print(f"N={n}: {seconds:.3f} s/step, {n * args.batch / seconds:.1f} replica-images/s, "
-              f"memory {footprint / 2 ** 20 if footprint else float('nan'):.0f} MiB", flush=True)
-    base = rows[0]["replica_images_per_s"]
+                     "compile_s": compile_s, "compiled_memory_bytes": footprint, "loss": loss})
+        print(f"N={n}: {seconds:.3f} s/step, {n * args.batch / seconds:.1f} replica-images/s, compiled in "
+              f"{compile_s:.1f} s, memory {footprint / 2 ** 20 if footprint else float('nan'):.0f} MiB", flush=True)
     for row in rows:
-        row["throughput_vs_n1"] = row["replica_images_per_s"] / base
+        row["throughput_vs_n1"] = row["replica_images_per_s"] / rows[0]["replica_images_per_s"]
+        row["compile_vs_n1"] = row["compile_s"] / rows[0]["compile_s"]
     record = {
         "benchmark": "replicas",
         "settings": {"model": args.model, "batch_per_replica": args.batch, "steps": args.steps, "impl": args.impl},

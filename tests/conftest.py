@@ -16,9 +16,24 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.runs import CONFIG, deme  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def full_precision_for_references(request, monkeypatch):
+    """Tests marked ``reference`` check a mapping against PyTorch or float64 references: their float32 matmuls and
+    convolutions run at full precision, in this process and in the commands they start. GPUs compute them in TF32
+    (10-bit mantissas, ~1e-3 relative) and TPUs in bfloat16 passes by default, which would test the hardware, not
+    the mapping; on CPUs the setting changes nothing."""
+    if request.node.get_closest_marker("reference") is None:
+        yield
+        return
+    monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import pytest
 
 from deme_jax.models import layers
 
+pytestmark = pytest.mark.reference
+
 
 def reference(q, k, v, heads):
     """Softmax attention in float64 numpy, heads split off the channel axis."""

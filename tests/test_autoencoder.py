@@ -21,6 +21,8 @@ from deme_jax.interop.torch_layout import load_pretrained, save_pretrained
 from deme_jax.models import param_shapes
 from deme_jax.models.autoencoder import DiagonalGaussian
 
+pytestmark = pytest.mark.reference
+
 # Stable Diffusion's VAE layout (4 levels, 2 resnets per block, 4 latent channels) at small widths.
 SD_LAYOUT = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                  layers_per_block=2, latent_channels=4)

@@ -15,6 +15,8 @@ from deme_jax.cli import main
 from deme_jax.interop import load_orbax_model
 from tests.diffusers_util import CIFAR_LAYOUT, random_unet
 
+pytestmark = pytest.mark.reference
+
 TINY = dict(CIFAR_LAYOUT, sample_size=16, block_out_channels=(32, 32, 32, 32), attention_head_dim=None,
             norm_num_groups=8)
 

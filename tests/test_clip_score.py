@@ -23,6 +23,8 @@ from deme_jax.metrics.clip_score import CLIPScorer, clip_score, preprocess
 from deme_jax.models import CLIPModel, build_model, model_fields, param_shapes
 from tests.clip_vocab import write_clip_tokenizer
 
+pytestmark = pytest.mark.reference
+
 IMAGE_SIZE = 32
 # Towers of different sizes and activations, so that settings crossed between them show. The text tower keeps
 # CLIP's vocabulary and context, for the real tokenizer; eos_token_id 2 is openai's legacy "argmax of the ids" pooling.

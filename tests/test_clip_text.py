@@ -20,6 +20,8 @@ from deme_jax.interop.clip_text import (
 from deme_jax.interop.diffusers import load_diffusers_model
 from deme_jax.models import param_shapes
 
+pytestmark = pytest.mark.reference
+
 SMALL = dict(vocab_size=1000, hidden_size=48, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
              max_position_embeddings=77, bos_token_id=998, pad_token_id=1)
 CASES = {

@@ -16,6 +16,8 @@ from deme_jax.diffusion import make_schedule
 from deme_jax.models import UNet2DCondition, init_params
 from deme_jax.train.state import create_train_state
 
+pytestmark = pytest.mark.reference
+
 UNET = UNet2DCondition(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
                        attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))

@@ -29,6 +29,8 @@ from deme_jax.diffusion import (
 from deme_jax.diffusion import sampling
 from deme_jax.interop.scheduler import load_diffusers_scheduler
 
+pytestmark = pytest.mark.reference
+
 # Tolerances (relative L2 error ||a - b|| / ||b||, float32 on both sides).
 # Betas agree within one float32 ulp of torch's linspace (squaring doubles it),
 # so schedules and add_noise agree to a few 1e-7. Steps follow diffusers' order

@@ -19,6 +19,8 @@ from deme_jax.images import to_uint8
 from tests.sd_util import tiny_pipeline
 from tests.test_clip_score import random_clip, save_clip_directory
 
+pytestmark = pytest.mark.reference
+
 PROMPTS = ["a red bird on a branch", "two dogs in the snow", "a bowl of soup", "a city at night"]
 
 

@@ -16,6 +16,8 @@ from torch import nn
 
 from deme_jax.metrics import fid, fid_weights
 
+pytestmark = pytest.mark.reference
+
 
 # pytorch-fid imports torchvision, which does not load beside this torch. Where it is absent, a stand-in
 # provides what pytorch_fid.inception subclasses and what its InceptionV3 builds on: torchvision's

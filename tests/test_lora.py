@@ -23,6 +23,8 @@ from deme_jax.merge import merge, task_vectors
 from deme_jax.models import UNet2DCondition, apply_lora, dense_delta, init_lora, lora_targets
 from tests.test_unet_condition import FAST_COMPILE, ONE_LEVEL, TINY, inputs, random_params, rel_err, torch_forward
 
+pytestmark = pytest.mark.reference
+
 MODEL = UNet2DCondition(**TINY)
 SMALL = UNet2DCondition(**ONE_LEVEL)  # for what needs no forward pass of MODEL: fewer leaves, faster compiles
 RANK, SCALE = 3, 0.75

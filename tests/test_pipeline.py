@@ -8,12 +8,15 @@ by the 1/sqrt(alpha-bar) factors of ten DDIM steps, stay well below it.
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMScheduler
 
 from deme_jax.diffusion import ddim_sample
 from deme_jax.interop import load_diffusers_scheduler, load_diffusers_unet
 from tests.diffusers_util import CIFAR_LAYOUT, random_unet
+
+pytestmark = pytest.mark.reference
 
 
 def test_ddim_run_matches_ddim_pipeline(tmp_path):

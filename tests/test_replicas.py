@@ -41,8 +41,10 @@ def test_identity_projections_leave_the_pretrained_output_unchanged():
 
 
 @pytest.mark.slow
-def test_map_over_replicas_runs_each_replica_with_its_own_slice():
-    """One stacked step on the smallest UNet equals each replica's own step on its own slice."""
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "lax_map"])
+def test_map_over_replicas_runs_each_replica_with_its_own_slice(unroll):
+    """One stacked step on the smallest UNet equals each replica's own step on its own slice, with the local
+    replicas unrolled (CPUs) or in one ``lax.map`` (GPUs, TPUs)."""
     tiny = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                   layers_per_block=1, norm_num_groups=4)
@@ -53,7 +55,8 @@ def test_map_over_replicas_runs_each_replica_with_its_own_slice():
     task = interval_tasks(uniform_partition(1000, n), teacher_params)
     state = init_replicas(teacher_params, optimizer, jax.random.split(jax.random.key(1), n))
     images = jax.random.normal(jax.random.key(2), (n, 4, 8, 8, 1))
-    stacked, metrics = jax.jit(map_over_replicas(step, make_mesh({"replica": 0, "data": -1}, n)))(state, images, task)
+    stacked, metrics = jax.jit(map_over_replicas(step, make_mesh({"replica": 0, "data": -1}, n), unroll))(
+        state, images, task)
     for i in range(n):
         one, one_metrics = jax.jit(step)(replica_slice(state, i), images[i], task_slice(task, i))
         np.testing.assert_allclose(one_metrics["loss"], metrics["loss"][i], rtol=1e-6)

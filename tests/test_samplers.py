@@ -32,6 +32,8 @@ from deme_jax.diffusion import (
 from deme_jax.interop import load_diffusers_scheduler, load_diffusers_unet
 from tests.diffusers_util import random_unet, torch_forward
 
+pytestmark = pytest.mark.reference
+
 STEP_RTOL = 3e-6
 # Stable Diffusion 1.x's scheduler/scheduler_config.json, as published (no timestep_spacing key).
 SD1_CONFIG = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,

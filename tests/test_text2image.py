@@ -17,6 +17,8 @@ from deme_jax.images import to_uint8
 from deme_jax.interop import load_diffusers_model, load_stable_diffusion, save_stable_diffusion
 from tests.sd_util import tiny_pipeline
 
+pytestmark = pytest.mark.reference
+
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a blue sphere"]
 DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 

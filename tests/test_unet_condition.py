@@ -25,6 +25,8 @@ from deme_jax.models.layers import ChannelProjection
 from deme_jax.models.registry import param_shapes
 from deme_jax.models.unet_condition import UNet2DCondition
 
+pytestmark = pytest.mark.reference
+
 # The real layouts with small widths; cross_attention_dim 32 and 48 stand for CLIP's 768 and OpenCLIP's 1024.
 CASES = {
     "sd1_layout": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,

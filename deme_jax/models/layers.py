@@ -147,13 +147,21 @@ class AttentionBlock(nn.Module):
 
 
 class ChannelProjection(nn.Module):
-    """DeMe's channel-wise projection: a bias-free 1x1 convolution initialised to the identity."""
+    """DeMe's channel-wise projection: a bias-free 1x1 convolution initialised to the identity.
+
+    Computed as ``x + x @ (W - I)``, the same map as ``x @ W``, so that the
+    identity is exact on every backend: TF32 (GPU) or bfloat16 passes (TPU)
+    round ``x`` in a product, and a student that does not start as its teacher
+    would put a pretrained model's loss out of reach. The residual form also
+    keeps bfloat16 compute from rounding ``W`` near the identity.
+    """
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
         kernel = self.param("kernel", lambda _, shape: jnp.eye(c).reshape(shape), (1, 1, c, c))
-        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(x.dtype))
+        delta = (kernel[0, 0] - jnp.eye(c, dtype=kernel.dtype)).astype(x.dtype)
+        return x + jnp.einsum("bhwc,cd->bhwd", x, delta)
 
 
 class Downsample2D(nn.Module):

@@ -13,6 +13,7 @@ bias, present only when ``channel_projection`` is on.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -169,10 +170,15 @@ class UNet(nn.Module):
         raise NotImplementedError
 
     def block(self, kind: str, level: int, **fields) -> nn.Module:
+        """A block of type ``kind``; rematerialised when ``remat`` is on, with ``train`` (every block's last
+        argument) static."""
         if kind not in PLAIN_BLOCK_TYPES:
             fields.update(self.attention_fields(level))
-        return self.block_class(kind)(groups=self.norm_num_groups, eps=self.norm_eps, dropout=self.dropout,
-                                      channel_projection=self.channel_projection, dtype=self.dtype, **fields)
+        cls = self.block_class(kind)
+        if self.remat:
+            cls = nn.remat(cls, static_argnums=(len(inspect.signature(cls.__call__).parameters) - 1,))
+        return cls(groups=self.norm_num_groups, eps=self.norm_eps, dropout=self.dropout,
+                   channel_projection=self.channel_projection, dtype=self.dtype, **fields)
 
     def down_block(self, i: int) -> nn.Module:
         return self.block(self.down_block_types[i], i, out_channels=self.block_out_channels[i],
@@ -216,7 +222,8 @@ class UNet2D(UNet):
     ``attention_head_dim=None`` means one head spanning all channels of a block, as
     in diffusers. ``model.apply({"params": p}, x, t)`` returns the predicted noise
     for NHWC ``x`` and integer timesteps ``t`` of shape ``(batch,)`` (or a scalar).
-    Defaults are diffusers' defaults.
+    ``remat`` recomputes each block's activations in the backward pass (same
+    values, less memory). Defaults are diffusers' defaults.
     """
 
     sample_size: int | None = None
@@ -239,6 +246,7 @@ class UNet2D(UNet):
     add_attention: bool = True
     time_embedding_dim: int | None = None
     channel_projection: bool = False
+    remat: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def example_inputs(self) -> tuple:

@@ -10,7 +10,6 @@ after each resnet. DeMe's channel projections sit where UNet2D puts them.
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -183,11 +182,7 @@ class UNet2DCondition(UNet):
         return tuple(value) if isinstance(value, Sequence) else (value,) * len(self.block_out_channels)
 
     def block_class(self, kind: str) -> type[nn.Module]:
-        """Rematerialised when ``remat`` is on, with ``train`` (every block's last argument) static."""
-        cls = BLOCK_CLASSES[kind]
-        if not self.remat:
-            return cls
-        return nn.remat(cls, static_argnums=(len(inspect.signature(cls.__call__).parameters) - 1,))
+        return BLOCK_CLASSES[kind]
 
     def attention_fields(self, level: int) -> dict:
         return dict(heads=self.per_block(self.num_attention_heads or self.attention_head_dim)[level],
