@@ -1,5 +1,11 @@
 """Stacked replicas: identity projections, and one stacked step equal to N separate ones."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,20 +46,26 @@ def test_identity_projections_leave_the_pretrained_output_unchanged():
     assert len(kernels) == 2 + 1 + 2  # after each down block, the mid block, each up block
 
 
+def tiny_replicas(n: int, global_prob: float = 0.0):
+    """The smallest UNet's replica step (student and teacher alike), its tasks and ``n`` fresh replicas."""
+    tiny = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  layers_per_block=1, norm_num_groups=4)
+    optimizer = optax.adamw(1e-3)
+    teacher_params = init_params(tiny, jax.random.key(0))
+    ema = ConfigDict(dict(max_decay=0.999, inv_gamma=1.0, power=0.75))
+    step = make_replica_step(tiny, tiny, make_schedule(), optimizer, ema, uniform_partition(1000, n), global_prob)
+    task = interval_tasks(uniform_partition(1000, n), teacher_params)
+    return step, task, init_replicas(teacher_params, optimizer, jax.random.split(jax.random.key(1), n))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "lax_map"])
 def test_map_over_replicas_runs_each_replica_with_its_own_slice(unroll):
     """One stacked step on the smallest UNet equals each replica's own step on its own slice, with the local
     replicas unrolled (CPUs) or in one ``lax.map`` (GPUs, TPUs)."""
-    tiny = UNet2D(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                  layers_per_block=1, norm_num_groups=4)
-    n, schedule, optimizer = 2, make_schedule(), optax.adamw(1e-3)
-    teacher_params = init_params(tiny, jax.random.key(0))
-    ema = ConfigDict(dict(max_decay=0.999, inv_gamma=1.0, power=0.75))
-    step = make_replica_step(tiny, tiny, schedule, optimizer, ema, uniform_partition(1000, n), global_prob=0.0)
-    task = interval_tasks(uniform_partition(1000, n), teacher_params)
-    state = init_replicas(teacher_params, optimizer, jax.random.split(jax.random.key(1), n))
+    n = 2
+    step, task, state = tiny_replicas(n)
     images = jax.random.normal(jax.random.key(2), (n, 4, 8, 8, 1))
     stacked, metrics = jax.jit(map_over_replicas(step, make_mesh({"replica": 0, "data": -1}, n), unroll))(
         state, images, task)
@@ -69,6 +81,47 @@ def test_map_over_replicas_runs_each_replica_with_its_own_slice(unroll):
     # each replica drew timesteps only from its own interval, so the two losses differ
     np.testing.assert_array_equal(metrics["interval_count"], np.eye(n) * 4)
     assert metrics["loss"][0] != metrics["loss"][1]
+
+
+MAPPED_ON_A_MESH = """
+import json, jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from deme_jax.deme.replicas import map_over_replicas
+from deme_jax.train.sharding import make_mesh, replicated
+from tests.test_replicas import tiny_replicas
+
+n = 4
+mesh = make_mesh({"replica": 2, "data": 4}, n)
+per_replica, rows = NamedSharding(mesh, P("replica")), NamedSharding(mesh, P("replica", "data"))
+images = jax.device_put(jax.random.normal(jax.random.key(2), (n, 8, 8, 8, 1)), rows)
+results = []
+for unroll in (True, False):
+    step, task, state = tiny_replicas(n, global_prob=0.3)
+    task = jax.device_put(task, {"low": per_replica, "high": per_replica, "teacher": replicated(mesh)})
+    state = jax.device_put(state, per_replica)
+    train = jax.jit(map_over_replicas(step, mesh, unroll))
+    for _ in range(2):
+        state, metrics = train(state, images, task)
+    results.append((np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)]),
+                    np.asarray(metrics["loss"])))
+(a, loss_a), (b, loss_b) = results
+print(json.dumps({"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+                  "loss_diff": float(np.abs(loss_a - loss_b).max()), "loss_spread": float(np.ptp(loss_a))}))
+"""
+
+
+@pytest.mark.slow
+def test_lax_map_over_a_meshs_replicas_trains_what_the_unrolled_loop_trains():
+    """Accelerators' loop with two replicas per device and each replica's batch split over the ``data`` axis (8
+    forced CPU devices as replica=2 x data=4), two steps: the same replicas as the unrolled loop, to float rounding
+    (which Adam's first steps turn into lr-sized moves where a gradient is zero in theory)."""
+    proc = subprocess.run([sys.executable, "-c", MAPPED_ON_A_MESH], cwd=Path(__file__).parents[1],
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rel_l2"] < 1e-4 and result["loss_diff"] < 1e-5, result
+    assert result["loss_spread"] > 1e-3, result  # the four replicas did see different timesteps
 
 
 @pytest.mark.slow  # the same property through `deme finetune` runs by default in test_finetune.py
