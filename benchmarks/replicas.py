@@ -1,7 +1,7 @@
 """N stacked DeMe replicas against one: per-replica training throughput, compile time and memory as N grows.
 
     python benchmarks/replicas.py [--model mnist16|cifar10] [--batch 32] [--replicas 1 2 4 8] [--steps 10]
-        [--impl auto|unroll|lax_map|vmap]
+        [--rounds 5] [--impl auto|unroll|lax_map|vmap]
 
 One DeMe training step (interval sampler, student forward and backward, frozen
 teacher forward for the consistency loss, AdamW, EMA) for N replicas stacked in
@@ -11,7 +11,10 @@ so N=4 at 1.0x trains four replicas as fast as four one-replica runs back to
 back; the target is >= 0.95x the N=1 run. Memory is
 XLA's compiled footprint (arguments + outputs + temporaries - aliased). The
 same step in PyTorch (diffusers' UNet2DModel, eager, AdamW) gives the reference's
-one-replica throughput on the same machine. Results go to
+one-replica throughput on the same machine. Each N runs ``--rounds`` rounds of
+``--steps`` steps, alternating with rounds of the PyTorch step, and reports
+medians: on a shared machine whose speed drifts by tens of percent between
+minutes, both sides then see the same drift. Results go to
 ``benchmarks/results/replicas-<model>-<impl>-<platform>.json``.
 """
 
@@ -21,6 +24,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,9 @@ MODELS = {
 }
 
 
-def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
+def jax_stepper(model_fields, n: int, batch: int, impl: str):
+    """Compiles N stacked replicas' step; returns ``run(steps) -> (seconds per step, loss)``, compile seconds and
+    compiled memory."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -89,16 +95,22 @@ def jax_step_time(model_fields, n: int, batch: int, steps: int, impl: str):
                      - memory.alias_size_in_bytes)
     state, metrics = compiled(state, images, task)  # warm-up
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, images, task)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps, compile_s, footprint, float(np.mean(jnp.asarray(metrics["loss"])))
+    carry = {"state": state}
+
+    def run(steps: int):
+        start = time.perf_counter()
+        for _ in range(steps):
+            carry["state"], metrics = compiled(carry["state"], images, task)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / steps, float(np.mean(jnp.asarray(metrics["loss"])))
+
+    return run, compile_s, footprint
 
 
-def torch_step_time(model_fields, batch: int, steps: int) -> float:
+def torch_stepper(model_fields, batch: int):
     """One replica of the reference: diffusers UNet2DModel (no projections), consistency loss to a frozen copy,
-    AdamW with clipping; the interval sampler and EMA are left out (they cost next to nothing)."""
+    AdamW with clipping; the interval sampler and EMA are left out (they cost next to nothing). Returns
+    ``run(steps) -> seconds per step``."""
     import copy
 
     import torch
@@ -128,11 +140,14 @@ def torch_step_time(model_fields, batch: int, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
 
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        return (time.perf_counter() - start) / steps
+
     one_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return (time.perf_counter() - start) / steps
+    return run
 
 
 def main() -> None:
@@ -140,7 +155,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="mnist16")
     parser.add_argument("--batch", type=int, default=32, help="per replica")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="per round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per N, alternating with PyTorch's")
     parser.add_argument("--impl", choices=("auto", "unroll", "lax_map", "vmap"), default="auto",
                         help="how stacked replicas run: deme finetune's map_over_replicas (auto: its choice for the "
                              "backend; or forced unrolled / lax.map), or jax.vmap")
@@ -161,29 +177,47 @@ def main() -> None:
                                                   "down_block_types", "up_block_types", "layers_per_block",
                                                   "norm_num_groups", "downsample_padding", "flip_sin_to_cos",
                                                   "freq_shift", "norm_eps", "attention_head_dim")}
-    rows = []
+    torch_run = None if args.no_torch else torch_stepper(fields, args.batch)
+    rows, torch_seconds = [], []
     for n in args.replicas:
-        seconds, compile_s, footprint, loss = jax_step_time(fields, n, args.batch, args.steps, args.impl)
-        rows.append({"replicas": n, "step_s": seconds, "replica_images_per_s": n * args.batch / seconds,
-                     "compile_s": compile_s, "compiled_memory_bytes": footprint, "loss": loss})
-        print(f"N={n}: {seconds:.3f} s/step, {n * args.batch / seconds:.1f} replica-images/s, compiled in "
-              f"{compile_s:.1f} s, memory {footprint / 2 ** 20 if footprint else float('nan'):.0f} MiB", flush=True)
+        run, compile_s, footprint = jax_stepper(fields, n, args.batch, args.impl)
+        seconds, round_torch = [], []
+        for _ in range(args.rounds):
+            step_s, loss = run(args.steps)
+            seconds.append(step_s)
+            if torch_run is not None:
+                round_torch.append(torch_run(args.steps))
+        step_s = statistics.median(seconds)
+        row = {"replicas": n, "step_s": step_s, "step_s_rounds": seconds,
+               "replica_images_per_s": n * args.batch / step_s, "compile_s": compile_s,
+               "compiled_memory_bytes": footprint, "loss": loss}
+        if round_torch:
+            torch_seconds += round_torch
+            # Per-round ratios, each against the PyTorch round run next to it.
+            row["vs_torch_one_replica"] = statistics.median(t * n / s for t, s in zip(round_torch, seconds))
+        rows.append(row)
+        print(f"N={n}: {step_s:.3f} s/step, {n * args.batch / step_s:.1f} replica-images/s, compiled in "
+              f"{compile_s:.1f} s, memory {footprint / 2 ** 20 if footprint else float('nan'):.0f} MiB"
+              + (f", {row['vs_torch_one_replica']:.2f}x PyTorch's one replica" if round_torch else ""), flush=True)
     for row in rows:
         row["throughput_vs_n1"] = row["replica_images_per_s"] / rows[0]["replica_images_per_s"]
         row["compile_vs_n1"] = row["compile_s"] / rows[0]["compile_s"]
     record = {
         "benchmark": "replicas",
-        "settings": {"model": args.model, "batch_per_replica": args.batch, "steps": args.steps, "impl": args.impl},
+        "settings": {"model": args.model, "batch_per_replica": args.batch, "steps_per_round": args.steps,
+                     "rounds": args.rounds, "impl": args.impl},
         "machine": machine(),
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_cpu_convolution_flag": flag,
         "jax": rows,
     }
-    if not args.no_torch:
+    if torch_seconds:
         import torch
 
-        seconds = torch_step_time(fields, args.batch, args.steps)
-        record["torch_one_replica"] = {"step_s": seconds, "images_per_s": args.batch / seconds}
+        seconds = statistics.median(torch_seconds)
+        record["torch_one_replica"] = {"step_s": seconds, "step_s_rounds": torch_seconds,
+                                       "images_per_s": args.batch / seconds}
         record["versions"]["torch"] = torch.__version__
         record["versions"]["diffusers"] = importlib.metadata.version("diffusers")
         print(f"PyTorch one replica: {seconds:.3f} s/step, {args.batch / seconds:.1f} images/s", flush=True)

@@ -5,17 +5,22 @@
 Both sides get the same random weights (diffusers' init, saved and loaded with
 load_diffusers_unet). PyTorch runs eager under ``torch.no_grad`` with as many
 threads as cores; JAX runs one jitted call (the forward) and one compiled
-``lax.scan`` (the DDIM run), timed after a warm-up call that compiles. Results
-go to ``benchmarks/results/unet_ddim-<host>.json`` with the machine and versions.
+``lax.scan`` (the DDIM run), timed after a warm-up call that compiles. The
+forward's convolutions are also timed one by one on both sides (same shapes,
+each the median of a few calls): their sum bounds what any forward can reach
+while the convolutions run at the libraries' speed. Results go to
+``benchmarks/results/unet_ddim-<platform>.json`` with the machine and versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +37,65 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_convolutions(apply, *args) -> collections.Counter:
+    """(input shape, kernel shape, strides, padding) -> count, for every convolution in ``apply(*args)``."""
+    import jax
+    from jax.extend.core import jaxprs_in_params
+
+    found = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                p = eqn.params
+                assert p["dimension_numbers"].lhs_spec == (0, 3, 1, 2) and p["feature_group_count"] == 1
+                found[(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, tuple(p["window_strides"]),
+                       tuple(map(tuple, p["padding"])))] += 1
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(apply)(*args).jaxpr)
+    return found
+
+
+def convolution_seconds(convolutions: collections.Counter, repeats: int) -> dict:
+    """The forward's convolutions timed one at a time, NHWC in JAX and NCHW in PyTorch (as the UNets run them)."""
+    import jax
+    import numpy as np
+    import torch
+
+    totals = {"jax": 0.0, "torch": 0.0}
+    rng = np.random.default_rng(0)
+    for (x_shape, w_shape, strides, padding), count in convolutions.items():
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        conv = jax.jit(lambda x, w, strides=strides, padding=padding: jax.lax.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        xj, wj = jax.device_put(x), jax.device_put(w)
+        conv(xj, wj).block_until_ready()
+        totals["jax"] += count * median_time(lambda: conv(xj, wj).block_until_ready(), repeats)
+        xt, wt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        (top, bottom), (left, right) = padding
+        if (top, left) == (bottom, right):
+            torch_conv = lambda: torch.nn.functional.conv2d(xt, wt, stride=strides, padding=(top, left))
+        else:  # diffusers' Downsample2D pads (0, 1) by hand, then convolves
+            torch_conv = lambda: torch.nn.functional.conv2d(
+                torch.nn.functional.pad(xt, (left, right, top, bottom)), wt, stride=strides)
+        with torch.no_grad():
+            torch_conv()
+            totals["torch"] += count * median_time(torch_conv, repeats)
+    return totals
 
 
 def cpu_name() -> str:
@@ -104,6 +168,14 @@ def main() -> None:
     results["forward_jax_s"] = best_of(lambda: apply({"params": params}, xj, tj).block_until_ready(), args.repeats)
     print(f"forward batch {b}: torch {results['forward_torch_s']:.3f} s, jax {results['forward_jax_s']:.3f} s",
           flush=True)
+    convolutions = forward_convolutions(model.apply, {"params": params}, xj, tj)
+    conv_s = convolution_seconds(convolutions, max(args.repeats, 5))
+    results["forward_convolutions"] = sum(convolutions.values())
+    results["forward_convolutions_jax_s"], results["forward_convolutions_torch_s"] = conv_s["jax"], conv_s["torch"]
+    # The best forward with JAX's convolutions and nothing else, against PyTorch's whole forward.
+    results["forward_speedup_bound"] = results["forward_torch_s"] / conv_s["jax"]
+    print(f"the forward's {sum(convolutions.values())} convolutions one by one: torch {conv_s['torch']:.3f} s, "
+          f"jax {conv_s['jax']:.3f} s", flush=True)
 
     generator = torch.Generator().manual_seed(0)
     results["ddim_torch_s"] = best_of(
