@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.unet_ddim import machine  # noqa: E402
+from benchmarks.unet_ddim import convolution_seconds, forward_convolutions, machine  # noqa: E402
 from deme_jax.xla_cpu import use_all_cores_for_convolutions  # noqa: E402
 
 MODELS = {
@@ -150,6 +150,57 @@ def torch_stepper(model_fields, batch: int):
     return run
 
 
+def model_phases(model_fields, batch: int, rounds: int) -> dict:
+    """Where a step's time goes: the UNet's forward, and forward plus backward of a mean-square loss, in JAX
+    (jitted) and PyTorch (eager, training mode), alternating, medians of ``rounds`` calls (milliseconds); and the
+    same for the forward's convolutions alone, one at a time, summed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import UNet2DModel
+
+    from deme_jax.models import UNet2D, init_params
+
+    model = UNet2D(**model_fields)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    size, channels = model_fields["sample_size"], model_fields["in_channels"]
+    x = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    xj, tj = jnp.asarray(x), jnp.asarray(t, jnp.int32)
+    forward = jax.jit(lambda p: model.apply({"params": p}, xj, tj))
+    backward = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, xj, tj) ** 2)))
+    reference = UNet2DModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in model_fields.items()}).train()
+    xt, tt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(t)
+
+    def torch_forward():
+        with torch.no_grad():
+            reference(xt, tt)
+
+    def torch_backward():
+        reference.zero_grad()
+        (reference(xt, tt).sample ** 2).mean().backward()
+
+    calls = {"forward_jax": lambda: jax.block_until_ready(forward(params)), "forward_torch": torch_forward,
+             "forward_backward_jax": lambda: jax.block_until_ready(backward(params)),
+             "forward_backward_torch": torch_backward}
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    phases = {f"{name}_ms": statistics.median(ts) * 1e3 for name, ts in times.items()}
+    convolutions = forward_convolutions(model.apply, {"params": params}, xj, tj)
+    for pass_, backward in (("forward", False), ("forward_backward", True)):
+        seconds = convolution_seconds(convolutions, rounds, backward)
+        phases.update({f"{pass_}_convolutions_{side}_ms": s * 1e3 for side, s in seconds.items()})
+    return phases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="mnist16")
@@ -212,6 +263,10 @@ def main() -> None:
         "xla_cpu_convolution_flag": flag,
         "jax": rows,
     }
+    if not args.no_torch:
+        record["phases"] = model_phases(fields, args.batch, 5 * args.rounds)
+        print("one replica's UNet (ms): " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in record["phases"].items()),
+              flush=True)
     if torch_seconds:
         import torch
 

@@ -69,9 +69,11 @@ def forward_convolutions(apply, *args) -> collections.Counter:
     return found
 
 
-def convolution_seconds(convolutions: collections.Counter, repeats: int) -> dict:
-    """The forward's convolutions timed one at a time, NHWC in JAX and NCHW in PyTorch (as the UNets run them)."""
+def convolution_seconds(convolutions: collections.Counter, repeats: int, backward: bool = False) -> dict:
+    """The forward's convolutions timed one at a time, NHWC in JAX and NCHW in PyTorch (as the UNets run them);
+    ``backward``: each with the gradients of its input and kernel as well."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import torch
 
@@ -80,21 +82,28 @@ def convolution_seconds(convolutions: collections.Counter, repeats: int) -> dict
     for (x_shape, w_shape, strides, padding), count in convolutions.items():
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = rng.standard_normal(w_shape).astype(np.float32)
-        conv = jax.jit(lambda x, w, strides=strides, padding=padding: jax.lax.conv_general_dilated(
-            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        conv = lambda x, w, strides=strides, padding=padding: jax.lax.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if backward:
+            conv = jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w) ** 2), (0, 1))
+        conv = jax.jit(conv)
         xj, wj = jax.device_put(x), jax.device_put(w)
-        conv(xj, wj).block_until_ready()
-        totals["jax"] += count * median_time(lambda: conv(xj, wj).block_until_ready(), repeats)
-        xt, wt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        jax.block_until_ready(conv(xj, wj))
+        totals["jax"] += count * median_time(lambda: jax.block_until_ready(conv(xj, wj)), repeats)
+        xt, wt = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(backward),
+                  torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(backward))
         (top, bottom), (left, right) = padding
         if (top, left) == (bottom, right):
             torch_conv = lambda: torch.nn.functional.conv2d(xt, wt, stride=strides, padding=(top, left))
         else:  # diffusers' Downsample2D pads (0, 1) by hand, then convolves
             torch_conv = lambda: torch.nn.functional.conv2d(
                 torch.nn.functional.pad(xt, (left, right, top, bottom)), wt, stride=strides)
-        with torch.no_grad():
-            torch_conv()
-            totals["torch"] += count * median_time(torch_conv, repeats)
+        if backward:
+            torch_call = lambda conv=torch_conv: torch.autograd.grad((conv() ** 2).sum(), (xt, wt))
+        else:
+            torch_call = torch.no_grad()(torch_conv)
+        torch_call()
+        totals["torch"] += count * median_time(torch_call, repeats)
     return totals
 
 
