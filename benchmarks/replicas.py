@@ -42,6 +42,11 @@ MODELS = {
 }
 
 
+def diffusers_fields(model_fields) -> dict:
+    """The UNet's fields as diffusers' UNet2DModel takes them (lists for tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in model_fields.items()}
+
+
 def jax_stepper(model_fields, n: int, batch: int, impl: str):
     """Compiles N stacked replicas' step; returns ``run(steps) -> (seconds per step, loss)``, compile seconds and
     compiled memory."""
@@ -95,12 +100,12 @@ def jax_stepper(model_fields, n: int, batch: int, impl: str):
                      - memory.alias_size_in_bytes)
     state, metrics = compiled(state, images, task)  # warm-up
     jax.block_until_ready(metrics)
-    carry = {"state": state}
 
     def run(steps: int):
+        nonlocal state
         start = time.perf_counter()
         for _ in range(steps):
-            carry["state"], metrics = compiled(carry["state"], images, task)
+            state, metrics = compiled(state, images, task)
         jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / steps, float(np.mean(jnp.asarray(metrics["loss"])))
 
@@ -118,7 +123,7 @@ def torch_stepper(model_fields, batch: int):
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in model_fields.items()}
+    fields = diffusers_fields(model_fields)
     student = UNet2DModel(**fields).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6)
@@ -171,7 +176,7 @@ def model_phases(model_fields, batch: int, rounds: int) -> dict:
     xj, tj = jnp.asarray(x), jnp.asarray(t, jnp.int32)
     forward = jax.jit(lambda p: model.apply({"params": p}, xj, tj))
     backward = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, xj, tj) ** 2)))
-    reference = UNet2DModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in model_fields.items()}).train()
+    reference = UNet2DModel(**diffusers_fields(model_fields)).train()
     xt, tt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(t)
 
     def torch_forward():
@@ -195,8 +200,8 @@ def model_phases(model_fields, batch: int, rounds: int) -> dict:
             times[name].append(time.perf_counter() - start)
     phases = {f"{name}_ms": statistics.median(ts) * 1e3 for name, ts in times.items()}
     convolutions = forward_convolutions(model.apply, {"params": params}, xj, tj)
-    for pass_, backward in (("forward", False), ("forward_backward", True)):
-        seconds = convolution_seconds(convolutions, rounds, backward)
+    for pass_, with_gradients in (("forward", False), ("forward_backward", True)):
+        seconds = convolution_seconds(convolutions, rounds, with_gradients)
         phases.update({f"{pass_}_convolutions_{side}_ms": s * 1e3 for side, s in seconds.items()})
     return phases
 

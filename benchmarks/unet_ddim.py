@@ -30,22 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deme_jax.xla_cpu import use_all_cores_for_convolutions  # noqa: E402
 
 
-def best_of(fn, repeats: int) -> float:
+def call_times(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_of(fn, repeats: int) -> float:
+    return min(call_times(fn, repeats))
 
 
 def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, repeats))
 
 
 def forward_convolutions(apply, *args) -> collections.Counter:
