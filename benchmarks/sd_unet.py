@@ -87,7 +87,7 @@ def torch_side(config: dict, batch: int, latent: int, repeats: int, results: dic
     results["train_step_torch_peak_rss_growth_gib"] = peak_rss_gib() - before
     results["train_step_torch_s"] = best_of(step, repeats)
     print(f"torch train step: {results['train_step_torch_s']:.2f} s", flush=True)
-    del unet, optimizer
+    unet = optimizer = None  # frees the weights and the optimizer state (the closures above are done with)
     release_freed_memory()
     torch.manual_seed(0)  # the initial weights again, for our side
     return {k: v.numpy() for k, v in UNet2DConditionModel.from_config(config).state_dict().items()}
