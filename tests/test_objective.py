@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from deme_jax.deme.objective import deme_loss, uncertainty_reduction, uncertainty_weighted_loss
-from deme_jax.diffusion import make_schedule
-from deme_jax.diffusion.weighting import min_snr_weight, p2_weight, snr
+from deme_jax.diffusion import add_noise, epsilon_loss, make_schedule, prediction_target
+from deme_jax.diffusion.weighting import epsilon_loss_per_target_loss, min_snr_weight, p2_weight, snr
 
 
 def test_deme_loss_by_hand():
@@ -38,6 +38,33 @@ def test_weightings_by_hand():
                                rtol=1e-6)
     assert float(min_snr_weight(schedule, t, 5.0)[2]) == pytest.approx(1.0)  # low SNR: unweighted
     np.testing.assert_allclose(p2_weight(schedule, t, 1.0, 1.0), 1 / (1 + expected_snr), rtol=1e-6)
+
+
+def test_v_prediction_weights_give_the_epsilon_objective():
+    """On a v-prediction schedule the weights carry the factor that turns the v loss into the epsilon loss:
+    Min-SNR is then diffusers' min(SNR, gamma) / (SNR + 1) (its training scripts' v-prediction branch)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    import torch
+
+    schedule = make_schedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             prediction_type="v_prediction")
+    t = jnp.array([0, 10, 400, 999])
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    reference_snr = compute_snr(reference, torch.tensor(np.asarray(t))).numpy()
+    np.testing.assert_allclose(min_snr_weight(schedule, t, 5.0), np.minimum(reference_snr, 5) / (reference_snr + 1),
+                               rtol=1e-5)
+    # the identity behind it: at one x_t, the epsilon loss of a prediction is the v loss times the factor
+    rng = np.random.default_rng(0)
+    x0, noise, eps_pred = (jnp.asarray(rng.standard_normal((4, 3, 3, 2)), jnp.float32) for _ in range(3))
+    x_t = add_noise(schedule, x0, noise, t)
+    abar = schedule.alphas_cumprod[t][:, None, None, None]
+    v_pred = (eps_pred - jnp.sqrt(1 - abar) * x_t) / jnp.sqrt(abar)  # the v that implies eps_pred at x_t
+    np.testing.assert_allclose(epsilon_loss(v_pred, prediction_target(schedule, x0, noise, t))
+                               * epsilon_loss_per_target_loss(schedule, t), epsilon_loss(eps_pred, noise), rtol=1e-4)
+    np.testing.assert_allclose(p2_weight(schedule, t, 1.0, 1.0), abar.ravel() / (1 + snr(schedule, t)), rtol=1e-6)
+    np.testing.assert_array_equal(epsilon_loss_per_target_loss(make_schedule(), t), 1.0)
 
 
 def test_uncertainty_weighting_by_hand():
