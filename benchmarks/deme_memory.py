@@ -10,7 +10,7 @@ and TPUs or unrolled as on CPUs: ``--loop``) or for one replica as the
 sequential mode trains them, ``--batch`` images per replica in
 ``--microbatches`` gradient-accumulation steps. Models: ``church``, the
 reference's LSUN-Church recipe (google/ddpm-ema-church-256's 113.7M-parameter
-UNet at 256x256 with channel projections, configs/church_deme.py);
+UNet at 256x256, 115.3M with channel projections, configs/church_deme.py);
 ``sd15``, Stable Diffusion 1.5's UNet on 64x64 latents with text states 77x768,
 full replicas or rank-r LoRA replicas (adapters on every attention projection,
 channel projections in full). It is compiled for this machine's devices from

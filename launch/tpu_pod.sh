@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the same deme command on every worker of a Cloud TPU VM pod slice.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE pretrain --config=configs/church_ddpm.py --workdir=gs://bucket/runs/church
+#   launch/tpu_pod.sh TPU_NAME ZONE pretrain --config=configs/church_ddpm.py --workdir=/mnt/shared/runs/church
 #
-# Every worker must have the project installed (`pip install -e '.[tpu]'` in the
-# same directory on each, e.g. with --command below). jax.distributed discovers
-# the workers itself on TPU VMs. The workdir must be shared (a GCS bucket).
+# Every worker must have the project checked out in ~/deme-jax with its virtual
+# environment in ~/deme-jax/.venv (`python3.11 -m venv .venv && .venv/bin/pip
+# install -e '.[tpu]'` on each). jax.distributed discovers the workers itself on
+# TPU VMs. The workdir must be a directory that every worker mounts (Filestore or
+# another NFS share): the workdir lock and the checkpoints' checksums need a POSIX
+# file system, so a gs:// URL is refused.
 set -euo pipefail
 tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE DEME_ARGS...}; zone=${2:?zone}; shift 2
 args=$(printf ' %q' "$@")

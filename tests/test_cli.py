@@ -119,3 +119,23 @@ def test_background_reports_of_a_full_disk_are_quiet_and_others_are_not():
     proc = subprocess.run([sys.executable, "-c", BACKGROUND_ERRORS], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "No space left" not in proc.stderr and "another fault" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_value_error_is_one_line_when_deme_jax_words_it_and_a_traceback_when_a_library_raises_it():
+    """ConfigError and the loaders' messages are for users; a ValueError from outside this package (a shape error in
+    numpy, a JSON decoder) is a fault whose traceback is kept."""
+    import json
+
+    from deme_jax.cli import is_user_error
+    from deme_jax.train.validate import require
+
+    def caught(fn):
+        try:
+            fn()
+        except Exception as err:
+            return err
+
+    assert is_user_error(caught(lambda: require(False, "config.train.batch_size=0 must be > 0.")))
+    assert not is_user_error(caught(lambda: json.loads("{")))
+    assert not is_user_error(caught(lambda: np.ones(3).reshape(2)))
+    assert is_user_error(caught(lambda: open("/nonexistent/file")))

@@ -48,6 +48,21 @@ def test_evaluate_writes_scores_per_seed_a_grid_and_a_summary(tmp_path):
     assert result["summary"]["fid"]["mean"] > real["fid"]
 
 
+def test_what_is_scored_for_a_model_path_or_a_workdir(tmp_path):
+    """config.evaluate.model (or the workdir) may be a model, or a workdir whose `deme merge` wrote merge/orbax or,
+    for Stable Diffusion, merge/diffusers: the merge is scored."""
+    from deme_jax.commands.evaluate import model_to_score
+
+    other = tmp_path / "other_run"
+    assert model_to_score(other) == (other, False)  # a training workdir: load_model reads its EMA weights
+    merged = save_orbax_model(MODEL, init_params(MODEL, jax.random.key(0)), other / "merge" / "orbax")
+    assert model_to_score(other) == (merged, False) and model_to_score(merged) == (merged, False)
+    (other / "merge" / "diffusers").mkdir()
+    (other / "merge" / "diffusers" / "model_index.json").write_text("{}")
+    assert model_to_score(other) == (other / "merge" / "diffusers", True)
+    assert model_to_score(other / "merge" / "diffusers") == (other / "merge" / "diffusers", True)
+
+
 def test_first_images_do_not_depend_on_how_many_are_drawn():
     params = init_params(MODEL, jax.random.key(0))
     few = sample_images(MODEL, params, make_schedule(), 3, (16, 16, 1), jax.random.key(5), batch_size=4, ddim_steps=2)

@@ -18,7 +18,7 @@ import pytest
 from deme_jax.train import ConfigError, train_and_evaluate
 from deme_jax.interop import save_orbax_model
 from deme_jax.models import init_params
-from deme_jax.train.checkpoints import Checkpoints, DamagedCheckpointError
+from deme_jax.train.checkpoints import CheckpointMismatchError, Checkpoints, DamagedCheckpointError
 from tests import tiny_config
 from tests.runs import CONFIG, ROOT, assert_trees_equal, deme, final_params
 from tests.test_finetune import PRETRAINED
@@ -139,6 +139,46 @@ def test_when_no_checkpoint_reads_the_error_names_the_workdir(tmp_path):
     with pytest.raises(DamagedCheckpointError, match=rf"no checkpoint in {tmp_path}/checkpoints reads completely"):
         train_and_evaluate(small_config(num_steps=6), tmp_path)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()) == ["2", "4"]
+
+
+def restore_with(workdir: Path, abstract):
+    checkpoints = Checkpoints(workdir, keep=3, asynchronous=False)
+    try:
+        return checkpoints.restore_latest(abstract)
+    finally:
+        checkpoints.close()
+
+
+def test_a_whole_checkpoint_of_another_state_is_refused_and_kept(tmp_path):
+    """A checkpoint that reads but holds other arrays (another model, optimizer or LoRA layout than the config's:
+    the config check catches the fields it knows of) names the differences and moves nothing aside."""
+    state = train_and_evaluate(small_config(num_steps=4), tmp_path)
+    before = contents(tmp_path)
+    abstract = jax.eval_shape(lambda: state)
+    wider = abstract.replace(params={**abstract.params, "lora": jax.ShapeDtypeStruct((4, 2), jax.numpy.float32)})
+    with pytest.raises(CheckpointMismatchError, match=r"step 4 .* holds another state .*params/lora is not in the "
+                                                      r"checkpoint.*left as it is"):
+        restore_with(tmp_path, wider)
+    kernel = abstract.params["conv_in"]["kernel"]
+    reshaped = abstract.replace(params={**abstract.params, "conv_in": {
+        **abstract.params["conv_in"], "kernel": jax.ShapeDtypeStruct((1, 1, *kernel.shape[2:]), kernel.dtype)}})
+    with pytest.raises(CheckpointMismatchError, match=r"params/conv_in/kernel is \(3, 3, 1, 16\) float32 in the "
+                                                      r"checkpoint, \(1, 1, 1, 16\) float32 now"):
+        restore_with(tmp_path, reshaped)
+    assert contents(tmp_path) == before and not (tmp_path / "damaged_checkpoints").exists()
+    assert restore_with(tmp_path, abstract)[2] == 4
+
+
+def test_unreadable_checksums_leave_the_checkpoint_to_be_read_whole(tmp_path):
+    """A checksum file cut short (by a full disk, before it was written atomically) does not condemn a whole
+    checkpoint: it is read, and restored when it reads."""
+    state = train_and_evaluate(small_config(num_steps=4), tmp_path)
+    checksums = tmp_path / "checkpoints" / "4" / "checksums.json"
+    checksums.write_text(checksums.read_text()[:10])
+    restored, data_state, step = restore_with(tmp_path, jax.eval_shape(lambda: state))
+    assert step == 4 and data_state == {"step": 4} and not (tmp_path / "damaged_checkpoints").exists()
+    assert_trees_equal(restored.params, state.params)
+    assert not list((tmp_path / "checkpoints").rglob("*.partial"))
 
 
 @pytest.fixture

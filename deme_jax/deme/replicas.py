@@ -79,12 +79,14 @@ def map_over_replicas(step, mesh: Mesh, unroll: bool | None = None):
     ``shard_map``); within a device the un-batched step runs once per local
     replica, and the ``data`` axis stays automatic. ``unroll`` says how the
     local replicas follow each other: one copy of the step per replica
-    (XLA:CPU ran a ``lax.map`` of training steps 12.7x slower), or one
+    (XLA:CPU ran a ``lax.map`` of training steps 18x slower: 10.2 against
+    184.1 replica-images/s for one replica, in
+    benchmarks/results/replicas-mnist16-{lax_map,auto}-cpu.json), or one
     ``lax.map`` body whatever their number (compile time independent of N: on
     an H200 the unrolled N=4 step did not compile within 100 s, against 74 s
     for N=1). ``None`` unrolls on CPUs and maps on GPUs and TPUs.
     ``jax.vmap`` would instead batch the convolution kernels into grouped
-    convolutions: 0.8x the one-replica throughput on XLA:CPU, against 1.03-1.09x
+    convolutions: 0.8x the one-replica throughput on XLA:CPU, against 1.04-1.08x
     unrolled (benchmarks/replicas.py).
     """
     if unroll is None:

@@ -21,7 +21,7 @@ from deme_jax.interop.checkpoint import is_orbax_model, load_orbax_model
 from deme_jax.interop.diffusers import load_diffusers_model
 from deme_jax.interop.scheduler import load_diffusers_scheduler
 from deme_jax.models import build_model
-from deme_jax.train.checkpoints import Checkpoints
+from deme_jax.train.checkpoints import Checkpoints, DamagedCheckpointError
 from deme_jax.train.step import model_params
 
 
@@ -52,11 +52,17 @@ def load_checkpoint(workdir: Path, config):
     """
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoints yet.")
-    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False)
+    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints, asynchronous=False, read_only=True)
     try:
         step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet.")
+        try:
+            checkpoints.verify(step)
+        except DamagedCheckpointError as err:
+            raise DamagedCheckpointError(
+                f"The checkpoint of step {step} in {workdir / 'checkpoints'} is damaged ({err}). Resuming the run "
+                "moves it aside and continues from the one before it; or restore it from a copy.") from None
         state = checkpoints.restore_as_saved(step)
     finally:
         checkpoints.close()

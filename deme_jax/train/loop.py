@@ -46,6 +46,11 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class Preempted(Exception):
+    """SIGTERM stopped the run after it saved a checkpoint; the same command continues it. Raised, not returned,
+    so that nothing meant for a finished run (the next replica, a merge, a report) follows."""
+
+
 class Preemption:
     """Turns SIGTERM into a request to save and stop at the next step boundary."""
 
@@ -256,7 +261,7 @@ def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: 
         if jax.process_index() == 0:
             save_image_grid(images, workdir / "samples" / f"step_{step:07d}.png")
 
-    step = start
+    step, stop = start, False
     try:
         for step in range(start + 1, train.num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -267,22 +272,24 @@ def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: 
             stop = preemption.agreed()
             if step % train.log_every == 0 or last or stop:
                 flush_metrics(step)
-            if train.eval_every and (step % train.eval_every == 0 or last):
-                with report.timed("heldout"):
+            if train.eval_every and (step % train.eval_every == 0 or last) and not stop:  # the grace period is
+                with report.timed("heldout"):                                           # for saving
                     evaluate(step)
-            if job.sample and train.sample_every and (step % train.sample_every == 0 or last):
+            if job.sample and train.sample_every and (step % train.sample_every == 0 or last) and not stop:
                 with report.timed("sample"):
                     sample(step)
             if step % train.checkpoint_every == 0 or last or stop:
                 flush_metrics(step)
                 checkpoints.save(step, state, {"step": step}, config_json)
             if stop:
-                logging.warning("Saved step %d after SIGTERM; run the same command to continue.", step)
                 break
     finally:
         checkpoints.wait()
         writer.flush()
         preemption.restore()
+    if stop:
+        raise Preempted(f"stopped by SIGTERM after saving step {step} of {train.num_steps} in "
+                        f"{workdir / 'checkpoints'}; run the same command to continue.")
     return state
 
 

@@ -96,6 +96,10 @@ def validate_config(config, workdir, data_devices: int | None = None) -> None:
 
 
 def check_workdir(workdir) -> None:
+    """A writable local or mounted directory: the workdir lock and checkpoint checksums need a POSIX file system."""
+    require("://" not in str(workdir),
+            f"--workdir={workdir} is a URL; the workdir must be a directory of a mounted file system (on a pod, one "
+            "that every worker mounts, such as Filestore or another NFS share).")
     path = Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -186,9 +186,12 @@ class WorkdirLock:
 # sharding from the mesh; exact resume replays the data order and noise fixed by the seed, data source and batch.
 FIXED_FIELDS = (
     "model", "diffusion", "deme.num_replicas", "deme.partition", "deme.boundaries", "deme.channel_projection",
-    "deme.pretrained", "deme.mode", "deme.weighting", "deme.uncertainty_tasks", "data.image_size", "data.channels",
-    "data.name", "data.split", "data.folder", "seed", "train.batch_size", "mesh.fsdp",
+    "deme.pretrained", "deme.mode", "deme.weighting", "deme.uncertainty_tasks", "deme.lora", "deme.lora_rank",
+    "deme.lora_targets", "data.image_size", "data.channels", "data.name", "data.split", "data.folder",
+    "data.heldout_fraction", "data.heldout_folder", "seed", "train.batch_size", "mesh.fsdp",
 )
+# Fields under FIXED_FIELDS that may change all the same: they change how a step is computed, not its result.
+CHANGEABLE_FIELDS = ("model.remat",)
 
 
 class _Absent:
@@ -229,7 +232,8 @@ def check_config_drift(stored: dict, new: dict) -> list[Change]:
     changes = [Change(field, old_leaves.get(field, ABSENT), new_leaves.get(field, ABSENT))
                for field in sorted(old_leaves.keys() | new_leaves.keys())]
     changes = [c for c in changes if _as_tuples(c.old) != _as_tuples(c.new)]
-    refused = [c for c in changes if any(c.field == f or c.field.startswith(f + ".") for f in FIXED_FIELDS)]
+    refused = [c for c in changes if c.field not in CHANGEABLE_FIELDS
+               and any(c.field == f or c.field.startswith(f + ".") for f in FIXED_FIELDS)]
     if refused:
         raise ConfigDriftError(f"The config changes what the checkpoint in this workdir was trained with: "
                                f"{'; '.join(map(str, refused))}. Use a new --workdir for this config, or revert "
