@@ -154,9 +154,10 @@ def training_config() -> ml_collections.ConfigDict:
         batch_size=128,  # global, over all devices and processes: the examples of one optimizer step
         # Microbatches per step: the global batch is split into this many, run one after another inside the jitted
         # step (the activations of one microbatch in memory), and their gradients averaged into one optimizer and EMA
-        # update. PyTorch's "batch 16 x accumulation 4" is batch_size=64, grad_accum_steps=4. The data order does not
-        # depend on it, so a restart may change it (e.g. on other devices); batch_size must divide by it x the `data`
-        # devices. With dropout, each microbatch draws its own masks.
+        # update. PyTorch's "batch 16 x accumulation 4" is batch_size=64, grad_accum_steps=4. Each microbatch draws
+        # its own timesteps (DeMe's global-or-interval choice is made per microbatch, as the reference makes it per
+        # forward batch) and dropout masks; the data order does not depend on it, so a restart may change it (e.g.
+        # on other devices). batch_size must divide by it x the `data` devices.
         grad_accum_steps=1,
         num_steps=800_000,
         log_every=100,

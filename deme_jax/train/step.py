@@ -58,6 +58,17 @@ def from_microbatches(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
+def timesteps_per_microbatch(sample_timesteps: TimestepSampler, rng: jax.Array, batch_size: int, task,
+                             k: int) -> jax.Array:
+    """The sampler's timesteps for a batch of ``k`` microbatches, each drawn on its own (microbatch ``j`` with
+    ``fold_in(rng, j)``; ``k = 1``: ``rng``), in batch order: a sampler's per-batch choices (DeMe's global-or-interval
+    draw, its antithetic pairs) are made per forward batch, as in a PyTorch loop that accumulates gradients."""
+    if k == 1:
+        return sample_timesteps(rng, batch_size, task)
+    draw = lambda j: sample_timesteps(jax.random.fold_in(rng, j), batch_size // k, task)
+    return from_microbatches(jax.vmap(draw)(jnp.arange(k)))
+
+
 def accumulate_gradients(loss_fn, params, batch, rng: jax.Array, k: int):
     """``(loss, aux), grads`` of ``loss_fn(params, batch, rng) -> (loss, aux)`` averaged over ``k`` microbatches.
 
@@ -100,10 +111,11 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     ``frozen_variables(task)``: variable collections the model reads besides
     the trained ``params`` (a LoRA student's frozen base weights).
 
-    All randomness comes from ``fold_in(state.rng, state.step)``; timesteps and
-    noise are drawn for the global batch, so a step gives the same result
-    however the batch is sharded or split, and after a restart (dropout masks
-    are drawn per microbatch). A step whose loss or gradient norm is not finite
+    All randomness comes from ``fold_in(state.rng, state.step)``; noise is drawn
+    for the global batch and timesteps per microbatch
+    (``timesteps_per_microbatch``), so a step gives the same result however the
+    batch is sharded, and after a restart; with another ``grad_accum_steps`` it
+    draws other timesteps (and dropout masks, drawn per microbatch). A step whose loss or gradient norm is not finite
     leaves the state untouched and reports ``nonfinite`` = 1, so no checkpoint
     ever holds its result.
     """
@@ -114,7 +126,7 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
         x0, conditioning = split_batch(batch)
-        t = sample_timesteps(rng_t, x0.shape[0], task)
+        t = timesteps_per_microbatch(sample_timesteps, rng_t, x0.shape[0], task, grad_accum_steps)
         noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
 
         def loss_fn(params, batch, rng):
