@@ -59,7 +59,7 @@ from deme_jax.text2image.pipeline import images_from_states
 from deme_jax.train.loop import Job, report_boundaries, run_training
 from deme_jax.train.sharding import make_mesh, replicated, state_shardings
 from deme_jax.train.state import create_train_state, make_optimizer
-from deme_jax.train.step import LOSS_PARAMS, make_heldout_loss, model_params
+from deme_jax.train.step import LOSS_PARAMS, make_heldout_loss, microbatch_size, model_params
 from deme_jax.train.validate import ConfigError, require, validate_config
 from deme_jax.train.workdir import open_run
 
@@ -361,7 +361,7 @@ def finetune(config, workdir: str | Path, interval_similarity=None):
         fingerprint=fingerprint,
         heldout=functools.cache(lambda: heldout_batch(config, workdir, config.eval.num_images, fingerprint)),
         tasks=interval_tasks(partition, teacher_params),
-        heldout_loss=make_heldout_loss(evaluated, schedule, boundaries),
+        heldout_loss=make_heldout_loss(evaluated, schedule, boundaries, microbatch_size(config.train)),
         sampler=TimestepEnsemble(evaluated, tuple(int(b) for b in partition)),
     )
     if stacked:

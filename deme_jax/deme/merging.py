@@ -39,7 +39,7 @@ from deme_jax.merge.search import SEARCHES, coordinate_descent, gradient_search,
 from deme_jax.metrics.scoring import Scorer, TextToImageScorer, sample_noise
 from deme_jax.randomness import stream_key
 from deme_jax.text2image.latent_cache import weights_fingerprint
-from deme_jax.train.step import make_heldout_losses, make_interval_loss
+from deme_jax.train.step import make_heldout_losses, make_interval_loss, microbatch_size
 from deme_jax.train.validate import ConfigError, require
 
 PIXEL_METRICS = ("heldout_loss", "fd_mnist", "fid")
@@ -134,11 +134,12 @@ def make_score(config, run_config, model, schedule, interval_loss, reference, pi
     return score
 
 
-def make_merged_losses(model, schedule, partition, method: str = "task_arithmetic", **options):
+def make_merged_losses(model, schedule, partition, method: str = "task_arithmetic", chunk: int | None = None,
+                       **options):
     """``losses(weights, base, replicas, images, rng, reference) -> (N,)``: the held-out loss per interval of
     the model merged with ``weights``, over ``reference``; the merge runs inside, so it is differentiable in the
-    weights at the cost of one backward pass of the model."""
-    heldout = make_heldout_losses(model, schedule)
+    weights at the cost of one backward pass of the model (``chunk`` rows at a time)."""
+    heldout = make_heldout_losses(model, schedule, chunk)
 
     def losses(weights, base, replicas, images, rng, reference):
         merged = merge(base, replicas, weights, method, **options)
@@ -147,7 +148,7 @@ def make_merged_losses(model, schedule, partition, method: str = "task_arithmeti
     return losses
 
 
-def learn_weights(config, model, schedule, partition, base, replicas, images, writer):
+def learn_weights(config, model, schedule, partition, base, replicas, images, writer, chunk: int | None = None):
     """Gradient descent on the merge weights (config.merge.search="gradient"); returns (weights, candidates of
     the grid it starts from, details). ``images``: the held-out batch (images, or latents and text states)."""
     settings, N = config.merge, len(partition) - 1
@@ -155,7 +156,7 @@ def learn_weights(config, model, schedule, partition, base, replicas, images, wr
     fit, stop = rows(images, slice(None, -num_stop)), rows(images, slice(-num_stop, None))
     check_covers(num_rows(fit), partition, f"config.merge.stop_fraction={settings.stop_fraction} (fit images)")
     check_covers(num_rows(stop), partition, f"config.merge.stop_fraction={settings.stop_fraction} (held-back images)")
-    relative_losses = make_merged_losses(model, schedule, partition, settings.method,
+    relative_losses = make_merged_losses(model, schedule, partition, settings.method, chunk,
                                          **merge_options(settings, config.seed))
     losses = jax.jit(relative_losses)  # the search's held-back loss compiles the same function: compiled once
 
@@ -223,7 +224,9 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
     images = heldout_batch(run_config, workdir, config.eval.num_images,
                            None if pipeline is None else weights_fingerprint(pipeline))
     check_covers(num_rows(images), partition, f"config.eval.num_images={config.eval.num_images}")
-    interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"))
+    chunk = microbatch_size(run_config.train)  # the finetuning's forward batch: what memory is known to hold
+    interval_loss = make_interval_loss(model, schedule, images, partition, stream_key(config.seed, "merge_heldout"),
+                                       chunk)
     reference = interval_loss(base)
     options = merge_options(config.merge, config.seed)
     merged_fn = jax.jit(lambda w, base, replicas: merge(base, replicas, w, config.merge.method, **options))
@@ -245,7 +248,8 @@ def merge_replicas(config, workdir: str | Path, out: str | Path | None = None):
         best, best_score, candidates = coordinate_descent(score, N, values, config.merge.init,
                                                           config.merge.max_rounds, log_candidate)
     elif config.merge.search == "gradient":
-        best, candidates, details = learn_weights(config, model, schedule, partition, base, replicas, images, writer)
+        best, candidates, details = learn_weights(config, model, schedule, partition, base, replicas, images, writer,
+                                                  chunk)
         best_score = score(best)
     else:
         best = np.asarray(config.merge.weights, np.float32)

@@ -37,7 +37,7 @@ from deme_jax.train.sharding import (
     state_shardings,
 )
 from deme_jax.train.state import TrainState, create_train_state, make_optimizer
-from deme_jax.train.step import make_heldout_loss, make_train_step
+from deme_jax.train.step import make_heldout_loss, make_train_step, microbatch_size
 from deme_jax.train.validate import validate_config
 from deme_jax.train.workdir import open_run
 
@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str | Path):
         batch_spec=jax.ShapeDtypeStruct(batch_shape(config), jnp.float32, sharding=data_sharding),
         state_shardings=lambda abstract: state_shardings(mesh, abstract, config.mesh.fsdp),
         mesh=mesh,
-        heldout_loss=make_heldout_loss(model, schedule, boundaries),
+        heldout_loss=make_heldout_loss(model, schedule, boundaries, microbatch_size(config.train)),
         sample=lambda params, noise: ddim_sample(model, params, schedule, noise, config.sample.ddim_steps),
     )
     return run_training(config, workdir, job)

@@ -47,6 +47,11 @@ def split_batch(batch) -> tuple[jax.Array, tuple]:
     return batch, ()
 
 
+def microbatch_size(train) -> int:
+    """The rows one forward pass of training holds (``config.train``): the size held-out losses run in."""
+    return train.batch_size // train.grad_accum_steps
+
+
 def microbatches(x: jax.Array, k: int) -> jax.Array:
     """``(B, ...) -> (k, B / k, ...)``: microbatch ``j`` holds rows ``j, j + k, ...``, so every device's rows of a
     batch split over ``data`` stay on it (each device keeps ``B / (k * devices)`` rows of every microbatch)."""
@@ -158,31 +163,47 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     return step
 
 
-def make_heldout_losses(model, schedule: NoiseSchedule):
+def map_in_chunks(fn, inputs, chunk: int | None):
+    """``fn(inputs)`` for a pytree of arrays with a leading batch axis, run ``chunk`` rows at a time (one
+    ``lax.map`` body, rematerialised under differentiation), so memory holds one chunk's activations; the last
+    chunk is padded with zero rows, whose outputs are dropped. ``None``, or a batch no larger: one call."""
+    n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    if chunk is None or n <= chunk:
+        return fn(inputs)
+    pad = -n % chunk
+    chunks = jax.tree_util.tree_map(
+        lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:]), inputs)
+    outputs = jax.lax.map(jax.checkpoint(fn), chunks)
+    return jax.tree_util.tree_map(lambda y: y.reshape(-1, *y.shape[2:])[:n], outputs)
+
+
+def make_heldout_losses(model, schedule: NoiseSchedule, chunk: int | None = None):
     """``losses(params, batch, rng) -> (per-example loss, t)`` at evenly spread timesteps and fixed noise; ``batch``
-    as the training step takes it."""
+    as the training step takes it. The timesteps and noise are the whole batch's; the model runs ``chunk`` rows at
+    a time (``map_in_chunks``: a held-out set larger than a training microbatch need not fit at once)."""
 
     def heldout_losses(params, batch, rng):
         x0, conditioning = split_batch(batch)
         t = spread_timesteps(x0.shape[0], schedule.num_train_timesteps)
         noise = jax.random.normal(rng, x0.shape, x0.dtype)
-        prediction = model.apply({"params": model_params(params)}, add_noise(schedule, x0, noise, t), t, *conditioning)
+        predict = lambda inputs: model.apply({"params": model_params(params)}, *inputs)
+        prediction = map_in_chunks(predict, (add_noise(schedule, x0, noise, t), t, *conditioning), chunk)
         return epsilon_loss(prediction, prediction_target(schedule, x0, noise, t)), t
 
     return heldout_losses
 
 
-def make_heldout_loss(model, schedule: NoiseSchedule, boundaries):
+def make_heldout_loss(model, schedule: NoiseSchedule, boundaries, chunk: int | None = None):
     """``loss(params, batch, rng) -> (sums, counts)`` of the held-out losses per interval of ``boundaries``."""
-    losses = make_heldout_losses(model, schedule)
+    losses = make_heldout_losses(model, schedule, chunk)
     return lambda params, batch, rng: interval_sums(*losses(params, batch, rng), boundaries)
 
 
-def make_interval_loss(model, schedule: NoiseSchedule, batch, boundaries, rng):
+def make_interval_loss(model, schedule: NoiseSchedule, batch, boundaries, rng, chunk: int | None = None):
     """``loss(params, rng=rng) -> (N,)`` numpy held-out loss per interval of ``boundaries`` on ``batch``.
 
     The noise is ``rng``'s unless another key is passed; one compilation serves every key.
     """
-    losses = make_heldout_losses(model, schedule)
+    losses = make_heldout_losses(model, schedule, chunk)
     fn = jax.jit(lambda params, batch, rng: interval_means(*losses(params, batch, rng), boundaries))
     return lambda params, rng=rng: np.asarray(fn(params, batch, rng))
