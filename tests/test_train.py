@@ -197,6 +197,10 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     ("train.batch_size", 0, r"config\.train\.batch_size=0 must be > 0"),
     ("model.norm_num_groups", 5, r"not divisible by norm_num_groups=5"),
     ("data.image_size", 28, r"config\.data\.image_size=28 differs from config\.model\.sample_size"),
+    ("train.eval_every", -1, r"config\.train\.eval_every=-1 must be >= 0"),
+    ("optim.decay_steps", 2, r"config\.optim\.decay_steps=2 must exceed warmup_steps=2"),
+    ("optim.final_lr_fraction", 1.5, r"config\.optim\.final_lr_fraction=1\.5 must be in \[0, 1\]"),
+    ("mesh.shape", {"replica": 2, "data": -1}, r"config\.mesh\.shape replica=2: pretraining trains one model"),
 ])
 def test_bad_config_names_the_field(tmp_path, field, value, message):
     config = tiny_config.get_config()

@@ -54,15 +54,12 @@ def run(config, workdir: str | Path) -> dict:
         raise FileNotFoundError(f"{workdir} holds no run to analyse; set config.analyze.model to a model path.")
     schedule = make_schedule(**config.diffusion)
     out = workdir / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
 
     logging.info("gradient conflict over %s", boundaries.tolist())
     batches = training_batches(config.data, settings.num_batches, settings.num_images,
                                stream_seed(settings.seed, "gradient_conflict"))
     conflict = gradient_conflict(model, params, schedule, batches, boundaries,
                                  stream_key(settings.seed, "gradient_conflict"))
-    np.save(out / "gradient_conflict.npy", conflict)
-    plot_conflict(conflict, boundaries, out / "gradient_conflict.png")
 
     directions = settings.directions
     if directions == "auto":
@@ -82,8 +79,6 @@ def run(config, workdir: str | Path) -> dict:
     logging.info("loss landscape on a %dx%d grid along %s", settings.grid_size, settings.grid_size, directions)
     grid = landscape(landscape_model, center, schedule, images, d1, d2, boundaries, coordinates,
                      stream_key(settings.seed, "landscape"))
-    np.savez(out / "landscape.npz", loss=grid, coordinates=coordinates, boundaries=boundaries)
-    plot_landscape(grid, coordinates, boundaries, out / "landscape.png", labels)
 
     center_index = settings.grid_size // 2
     summary = {
@@ -96,11 +91,19 @@ def run(config, workdir: str | Path) -> dict:
             for name, values in zip(["all"] + [f"{a}-{b}" for a, b in zip(boundaries[:-1], boundaries[1:])], grid)
             for i, j in [np.unravel_index(np.argmin(values), values.shape)]],
     }
-    if (workdir / PARTITION_FILE).is_file():
-        chosen = json.loads((workdir / PARTITION_FILE).read_text())
+    chosen = json.loads((workdir / PARTITION_FILE).read_text()) if (workdir / PARTITION_FILE).is_file() else None
+    if chosen is not None:
+        summary["conflict_partition"] = chosen["boundaries"]
+    if jax.process_index() > 0:  # every process computed the same; one writes
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "gradient_conflict.npy", conflict)
+    plot_conflict(conflict, boundaries, out / "gradient_conflict.png")
+    np.savez(out / "landscape.npz", loss=grid, coordinates=coordinates, boundaries=boundaries)
+    plot_landscape(grid, coordinates, boundaries, out / "landscape.png", labels)
+    if chosen is not None:
         plot_conflict(np.asarray(chosen["similarity"]), chosen["bins"], out / "conflict_partition.png",
                       chosen["boundaries"])
-        summary["conflict_partition"] = chosen["boundaries"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logging.info("wrote %s", out)
     return summary

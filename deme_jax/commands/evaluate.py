@@ -46,6 +46,9 @@ def run(config, workdir: str | Path) -> dict:
             raise ValueError(f"{path} holds stacked DeMe replicas, not one model: run `deme merge` first.")
         result = evaluate_model(model, params, make_schedule(**config.diffusion), config.evaluate, config.data)
     result["model"] = str(path)
+    if jax.process_index() > 0:  # every process computed the same; one writes
+        result.pop("samples")
+        return result
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(jnp.asarray(result.pop("samples")[:64], jnp.float32) / 127.5 - 1, out / "samples.png")

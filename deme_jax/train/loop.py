@@ -38,7 +38,7 @@ from deme_jax.train.sharding import (
 )
 from deme_jax.train.state import TrainState, create_train_state, make_optimizer
 from deme_jax.train.step import make_heldout_loss, make_train_step, microbatch_size
-from deme_jax.train.validate import validate_config
+from deme_jax.train.validate import require, validate_config
 from deme_jax.train.workdir import open_run
 
 
@@ -115,6 +115,9 @@ class Job:
 def train_and_evaluate(config, workdir: str | Path):
     """Trains the DDPM of ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
     validate_config(config, workdir)
+    replicas = config.mesh.shape.get("replica", 0)
+    require(replicas in (0, 1), f"config.mesh.shape replica={replicas}: pretraining trains one model; give its "
+                                "devices to `data`.")
     model, schedule = build_model(config.model), make_schedule(**config.diffusion)
     optimizer = make_optimizer(config.optim)
     mesh = make_mesh(config.mesh.shape)

@@ -68,11 +68,19 @@ def validate_config(config, workdir, data_devices: int | None = None) -> None:
             f"config.train.batch_size={train.batch_size} is not divisible by the {n_proc} processes.")
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(train[field] > 0, f"config.train.{field}={train[field]} must be > 0.")
+    for field in ("eval_every", "sample_every"):
+        require(train[field] >= 0, f"config.train.{field}={train[field]} must be >= 0 (0: never).")
     require(train.loss_intervals > 0, f"config.train.loss_intervals={train.loss_intervals} must be > 0.")
     require(optim.lr > 0, f"config.optim.lr={optim.lr} must be > 0.")
     require(optim.schedule in ("constant", "cosine"), f"config.optim.schedule={optim.schedule!r}: use "
                                                       "'constant' or 'cosine'.")
     require(optim.warmup_steps >= 0, f"config.optim.warmup_steps={optim.warmup_steps} must be >= 0.")
+    if optim.schedule == "cosine":
+        require(optim.decay_steps > optim.warmup_steps,
+                f"config.optim.decay_steps={optim.decay_steps} must exceed warmup_steps={optim.warmup_steps}: the "
+                "cosine decays from the end of the warm-up to decay_steps.")
+        require(0 <= optim.final_lr_fraction <= 1,
+                f"config.optim.final_lr_fraction={optim.final_lr_fraction} must be in [0, 1].")
     require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f"config.optim.b1={optim.b1}, b2={optim.b2} must be in [0, 1).")
     require(optim.weight_decay >= 0, f"config.optim.weight_decay={optim.weight_decay} must be >= 0.")
     require(optim.grad_clip >= 0, f"config.optim.grad_clip={optim.grad_clip} must be >= 0 (0 turns it off).")
