@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from deme_jax.train import ConfigError, train_and_evaluate
+from deme_jax.train.workdir import WorkdirBusyError
 from deme_jax.interop import save_orbax_model
 from deme_jax.models import init_params
 from deme_jax.train.checkpoints import CheckpointMismatchError, Checkpoints, DamagedCheckpointError
@@ -139,6 +140,32 @@ def test_when_no_checkpoint_reads_the_error_names_the_workdir(tmp_path):
     with pytest.raises(DamagedCheckpointError, match=rf"no checkpoint in {tmp_path}/checkpoints reads completely"):
         train_and_evaluate(small_config(num_steps=6), tmp_path)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_run_whose_workdir_another_run_took_over_stops_before_its_next_save(tmp_path, monkeypatch):
+    """If a run's heartbeat stalled long enough for another run to take the workdir over, the first run must not
+    go on writing checkpoints beside the new holder's: its next save is refused and the new lock kept."""
+    import functools
+    import threading
+
+    from deme_jax.train import workdir as workdir_module
+
+    monkeypatch.setattr(workdir_module.WorkdirLock, "__init__", functools.partialmethod(
+        workdir_module.WorkdirLock.__init__, heartbeat_every_s=0.05))
+    config = small_config(num_steps=100_000)
+    theirs = {"host": "another-host", "pid": 1, "start_time": "now", "start_unix": 0.0, "heartbeat_unix": 0.0,
+              "job_id": None, "token": "the run that took over"}
+
+    def take_over_after_the_first_save():
+        while not (tmp_path / "checkpoints" / "2").is_dir():
+            time.sleep(0.02)
+        (tmp_path / "lock.json").write_text(json.dumps(theirs))
+
+    threading.Thread(target=take_over_after_the_first_save, daemon=True).start()
+    with pytest.raises(WorkdirBusyError, match=r"Another run took --workdir=.* over while this one ran.*stops "
+                                               r"without saving step \d+"):
+        train_and_evaluate(config, tmp_path)
+    assert json.loads((tmp_path / "lock.json").read_text()) == theirs
 
 
 def restore_with(workdir: Path, abstract):

@@ -90,6 +90,27 @@ def test_processes_of_one_job_share_the_lock(tmp_path):
     assert not (tmp_path / "lock.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's warning; the children use no JAX
+def test_processes_of_one_job_restarting_on_a_stale_lock_all_start(tmp_path, dead_pid):
+    """After a crash the job's processes meet the old lock together: one takes it over and the others, instead
+    of losing the race for the take-over claim, share it."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        workdir = tmp_path / str(round_)
+        workdir.mkdir()
+        write_lock(workdir, pid=dead_pid, job_id="the crashed job")
+        start, done, results = context.Barrier(4), context.Event(), context.Queue()
+        racers = [context.Process(target=try_lock, args=(workdir, start, done, results, "coordinator:1234"))
+                  for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        outcomes = sorted(results.get(timeout=20) for _ in racers)
+        done.set()
+        for racer in racers:
+            racer.join(10)
+        assert outcomes == ["shared", "shared", "shared", "won"]
+
+
 def test_release_removes_only_this_process_lock(tmp_path):
     lock = WorkdirLock(tmp_path).acquire()
     theirs = write_lock(tmp_path, host="other-host")  # as if another run had taken the lock over
@@ -112,20 +133,21 @@ def test_heartbeat_advances_while_held(tmp_path):
 
 
 def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
-    with WorkdirLock(tmp_path, heartbeat_every_s=0.1):
+    with WorkdirLock(tmp_path, heartbeat_every_s=0.1) as lock:
+        assert not lock.lost
         theirs = write_lock(tmp_path, host="other-host")  # long before the first beat
         time.sleep(0.5)
-        assert lock_file(tmp_path) == theirs
+        assert lock_file(tmp_path) == theirs and lock.lost
 
 
-def try_lock(workdir, start, done, results):
+def try_lock(workdir, start, done, results, job_id=None):
     start.wait(10)
     try:
-        lock = WorkdirLock(workdir).acquire()
+        lock = WorkdirLock(workdir, job_id=job_id).acquire()
     except WorkdirBusyError:
         results.put("refused")
         return
-    results.put("won")
+    results.put("shared" if lock.shared else "won")
     done.wait(10)  # hold the lock until every racer has tried
     lock.release()
 

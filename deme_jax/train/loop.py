@@ -39,7 +39,7 @@ from deme_jax.train.sharding import (
 from deme_jax.train.state import TrainState, create_train_state, make_optimizer
 from deme_jax.train.step import make_heldout_loss, make_train_step, microbatch_size
 from deme_jax.train.validate import require, validate_config
-from deme_jax.train.workdir import open_run
+from deme_jax.train.workdir import WorkdirBusyError, WorkdirLock, open_run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,14 +64,19 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True on every process once any process was asked to stop."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+        return any_process(self.requested)
 
     def restore(self):
         signal.signal(signal.SIGTERM, self.previous)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any; every process must call it (a collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def host_value(x) -> np.ndarray:
@@ -156,10 +161,10 @@ def run_training(config, workdir: str | Path, job: Job):
     heldout = None
     if config.train.eval_every:
         heldout = job.heldout() if job.heldout else heldout_images(config.data, config.eval.num_images)
-    with open_run(workdir, config_json):
+    with open_run(workdir, config_json) as lock:
         checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
         try:
-            state = train_loop(config, config_json, workdir, job, checkpoints, heldout)
+            state = train_loop(config, config_json, workdir, job, checkpoints, heldout, lock)
         except Exception as err:
             try:  # orbax's background writers stop here, so no traceback of theirs follows the error
                 checkpoints.close()
@@ -172,8 +177,10 @@ def run_training(config, workdir: str | Path, job: Job):
         return state
 
 
-def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: Checkpoints, heldout):
-    """Restores or initialises the state, compiles the step and trains, logs, evaluates, samples and saves."""
+def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: Checkpoints, heldout,
+               lock: WorkdirLock):
+    """Restores or initialises the state, compiles the step and trains, logs, evaluates, samples and saves; stops
+    before a save if another run has taken the workdir over (``lock.lost``)."""
     train = config.train
     boundaries = report_boundaries(config)
     repl = replicated(job.mesh)
@@ -283,6 +290,11 @@ def train_loop(config, config_json: dict, workdir: Path, job: Job, checkpoints: 
                     sample(step)
             if step % train.checkpoint_every == 0 or last or stop:
                 flush_metrics(step)
+                if any_process(lock.lost):
+                    raise WorkdirBusyError(
+                        f"Another run took --workdir={workdir} over while this one ran (this run's heartbeat had "
+                        f"stopped for {lock.stale_after_s:.0f} s); this run stops without saving step {step}, so as "
+                        f"to leave the other run's checkpoints alone.")
                 checkpoints.save(step, state, {"step": step}, config_json)
             if stop:
                 break

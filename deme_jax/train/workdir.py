@@ -74,6 +74,7 @@ class WorkdirLock:
         self.shared = False  # True while another process of the same job holds the lock
         self._stop_heartbeat = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._lost = threading.Event()
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
@@ -156,6 +157,9 @@ class WorkdirLock:
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
+            if self.job_id is not None and self._claim_is_recent(claim):
+                time.sleep(0.1)  # likely a process of this job, restarting with it: its lock will be shared
+                return False
             raise WorkdirBusyError(f"--workdir={self.workdir}: another process is taking over the lock of a run that "
                                    f"is gone ({_describe(holder)}). If no run uses it, delete {self.path}.") from None
         try:
@@ -169,11 +173,24 @@ class WorkdirLock:
         logging.warning("Took over --workdir=%s from a run that is gone (%s).", self.workdir, _describe(holder))
         return True
 
+    @staticmethod
+    def _claim_is_recent(claim: Path, within_s: float = 30.0) -> bool:
+        try:
+            return time.time() - claim.stat().st_mtime < within_s
+        except FileNotFoundError:  # released meanwhile
+            return True
+
+    @property
+    def lost(self) -> bool:
+        """True once the heartbeat found the lock file taken over by another run (this run must not save)."""
+        return self._lost.is_set()
+
     def _beat(self) -> None:
         while not self._stop_heartbeat.wait(self.heartbeat_every_s):
             try:
                 if not self._owns_lock_file():
                     logging.warning("%s is no longer this run's lock; its heartbeat stops.", self.path)
+                    self._lost.set()
                     return
                 self.record["heartbeat_unix"] = time.time()
                 os.replace(_complete_copy(self.path, self.record), self.path)
@@ -269,14 +286,15 @@ def open_run(workdir: str | Path, config: dict):
     """Holds ``workdir`` for one run of ``config`` (a dict from ``config.to_json()``): refuses if a live run holds
     it or if the config changes what its checkpoint holds, else records the config (and what changed) and yields.
 
-    Nothing in the workdir changes before both checks pass.
+    Nothing in the workdir changes before both checks pass. Yields the ``WorkdirLock`` (whose ``lost`` says
+    whether another run took the workdir over).
     """
     workdir = Path(workdir)
-    with WorkdirLock(workdir, job_id=job_id()):
+    with WorkdirLock(workdir, job_id=job_id()) as lock:
         stored = workdir / "config.json"
         changes = check_config_drift(json.loads(stored.read_text()), config) if stored.is_file() else []
         for change in changes:
             logging.warning("Config changed since this workdir's last run: %s", change)
         if jax.process_index() == 0:
             record_config(workdir, config, changes)
-        yield
+        yield lock
