@@ -76,7 +76,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
         fid_samples=0,  # FID and KID on the first this-many samples (0: all); Inception is the slow part
         num_seeds=1,  # initial-noise seeds; the spread over them is reported
         batch_size=250,
-        sampler="ddim",  # "ddim" or "ddpm" (every training timestep)
+        sampler="ddim",  # "ddim", "ddpm" (every training timestep), "dpmpp_2m" or "pndm" (PLMS, SD's own)
         ddim_steps=50,
         eta=0.0,
         metrics=("fid", "fd_mnist"),
@@ -85,8 +85,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
         fid_weights="",  # our safetensors Inception weights (default: converted into the cache once)
         seed=1_000,  # the seed of the initial noise; repeat k draws stream k of it
         # Text-to-image models (a Stable Diffusion directory, or a workdir whose merge wrote one): one image per
-        # prompt of `prompts` (a text file, one caption per line; the first num_samples), sampler "ddim" or
-        # "dpmpp_2m" with ddim_steps steps and guidance; metrics from "fid", "kid" (on images resized to
+        # prompt of `prompts` (a text file, one caption per line; the first num_samples), sampler "ddim",
+        # "dpmpp_2m" or "pndm" with ddim_steps steps and guidance; metrics from "fid", "kid" (on images resized to
         # fid_resolution, against a `reference` folder or .npz) and "clip_score" (with the CLIP of `clip_model`).
         prompts="",
         guidance_scale=7.5,

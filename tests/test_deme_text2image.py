@@ -323,6 +323,11 @@ def test_shipped_stable_diffusion_configs_are_valid(name, tmp_path):
     validate_merge_config(config.merge, config.deme.num_replicas)
     assert config.train.batch_size == 256 and config.deme.lora == (name == "sd15_deme_lora")
     assert config.data.image_size == SD15_CONFIG["sample_size"] * 8
+    from deme_jax.metrics.scoring import TEXT_TO_IMAGE_METRICS
+    from deme_jax.text2image import SCHEDULERS
+
+    evaluate = config.evaluate  # what the COCO-protocol scorer accepts
+    assert set(evaluate.metrics) <= set(TEXT_TO_IMAGE_METRICS) and evaluate.sampler in SCHEDULERS
 
 
 @pytest.fixture(scope="module")

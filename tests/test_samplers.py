@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from deme_jax.diffusion import (
     dpm_sample,
@@ -49,7 +49,7 @@ SD2_CONFIG = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "be
 CIFAR10_CONFIG = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
                   "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
                   "trained_betas": None, "variance_type": "fixed_large"}
-SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
 
 
 def rel_err(a, b):
@@ -115,6 +115,19 @@ def test_dpm_solver_steps_match_diffusers(prediction_type, spacing, num_steps, t
     assert max(step_errors("dpmpp_2m", config, num_steps, tmp_path)) <= STEP_RTOL
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", [None, "linspace", "trailing"])  # None: PNDMScheduler's default, leading
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 25])
+def test_pndm_steps_match_diffusers(prediction_type, spacing, num_steps, tmp_path):
+    """Stable Diffusion 1.x's own scheduler (PNDM, skip_prk_steps): the plan is diffusers' timesteps, the second
+    one twice (num_steps + 1 model calls), and every step agrees, the warm-up's restart and each multistep
+    order included."""
+    config = dict(SD1_CONFIG, prediction_type=prediction_type, **({"timestep_spacing": spacing} if spacing else {}))
+    errors = step_errors("pndm", config, num_steps, tmp_path)
+    assert len(errors) == num_steps + (num_steps > 1)
+    assert max(errors) <= STEP_RTOL
+
+
 def test_dpm_solver_from_its_own_config(tmp_path):
     """A config DPMSolverMultistepScheduler wrote, with every key: trailing spacing, linear betas, 1 and 2 steps."""
     DPMSolverMultistepScheduler(timestep_spacing="trailing").save_pretrained(tmp_path / "scheduler")
@@ -175,7 +188,7 @@ def test_noisy_samplers_need_noise():
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    (dict(sampler="pndm"), r"sampler='pndm'.*'ddpm', 'ddim', 'dpmpp_2m'"),
+    (dict(sampler="euler"), r"sampler='euler'.*'ddpm', 'ddim', 'dpmpp_2m', 'pndm'"),
     (dict(sampler="dpmpp_2m", eta=1.0), r"eta=1.0 applies to the ddim sampler only"),
 ])
 def test_make_plan_rejects(kwargs, pattern):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -20,7 +20,7 @@ from tests.sd_util import tiny_pipeline
 pytestmark = pytest.mark.reference
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a blue sphere"]
-DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def sd_v(tmp_path_factory):
 
 
 def diffusers_images(pipe, scheduler, latents_nhwc, steps=10, guidance=7.5):
-    pipe.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    options = {"skip_prk_steps": True} if scheduler == "pndm" else {}  # as Stable Diffusion's configs say
+    pipe.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(pipe.scheduler.config, **options)
     latents = torch.from_numpy(np.asarray(latents_nhwc)).permute(0, 3, 1, 2)
     with torch.no_grad():
         return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
@@ -51,7 +52,7 @@ def latents_for(seed=0):
     return np.random.default_rng(seed).standard_normal((len(PROMPTS), 8, 8, 4)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "pndm"])
 def test_generate_matches_stable_diffusion_pipeline(sd, scheduler):
     # <= 1e-4 on images in [0, 1]: ten guided steps amplify the float32 rounding of each network call.
     pipe, path = sd
@@ -63,7 +64,7 @@ def test_generate_matches_stable_diffusion_pipeline(sd, scheduler):
     assert np.abs(ref - 0.5).mean() > 1e-3  # not a blank image
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "pndm"])
 def test_v_prediction_matches(sd_v, scheduler):
     pipe, path = sd_v
     latents = latents_for(seed=1)

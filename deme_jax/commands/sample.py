@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
                                         "orbax checkpoint or training workdir")
     parser.add_argument("--scheduler", help="diffusers scheduler directory (default: the model's pipeline, "
                                             "else linear betas 1e-4..0.02 over 1000 steps)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default="ddim")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m", "pndm"), default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM, DPM-Solver++)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--num-images", type=int, help="images (default 16), or images per prompt (default 1)")

@@ -1,4 +1,4 @@
-"""DDPM, DDIM and DPM-Solver++ (2M) samplers, step for step as diffusers' schedulers.
+"""DDPM, DDIM, DPM-Solver++ (2M) and PNDM samplers, step for step as diffusers' schedulers.
 
 Every sampler follows one scan-friendly interface: ``make_plan`` fixes the
 timesteps of a run, ``init_carry`` gives the state a sampler keeps between
@@ -31,9 +31,9 @@ from absl import logging
 from deme_jax.diffusion.schedule import NoiseSchedule, check_choice, expand_to
 from deme_jax.images import to_uint8
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "pndm")
 # The timestep spacing of each sampler's diffusers class, used when the schedule does not give one.
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace"}
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "pndm": "leading"}
 
 
 def inference_timesteps(schedule: NoiseSchedule, num_inference_steps: int, sampler: str = "ddim") -> np.ndarray:
@@ -88,24 +88,40 @@ class SamplerPlan:
 def make_plan(schedule: NoiseSchedule, sampler: str, num_inference_steps: int, eta: float = 0.0) -> SamplerPlan:
     """The plan of a ``num_inference_steps`` run of ``sampler`` (one of ``SAMPLERS``).
 
-    DDIM steps back by ``num_train_timesteps // num_inference_steps`` whatever the
-    spacing, as diffusers does; DDPM and DPM-Solver++ step to the next timestep.
+    DDIM and PNDM step back by ``num_train_timesteps // num_inference_steps``
+    whatever the spacing, as diffusers does; DDPM and DPM-Solver++ step to the
+    next timestep. PNDM is diffusers' ``PNDMScheduler`` with ``skip_prk_steps``
+    (Stable Diffusion's configs; its Runge-Kutta warm-up is not implemented): its
+    second model call repeats the second timestep, so ``num_inference_steps``
+    steps call the model ``num_inference_steps + 1`` times (the plan's length).
     ``eta`` (DDIM only) scales DDIM's noise: 0 is deterministic, 1 is DDPM-like.
     """
     check_choice("sampler", sampler, SAMPLERS)
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies to the ddim sampler only, not {sampler}")
     timesteps = inference_timesteps(schedule, num_inference_steps, sampler)
-    if sampler == "ddim":
-        prev_timesteps = timesteps - schedule.num_train_timesteps // num_inference_steps
+    ratio = schedule.num_train_timesteps // num_inference_steps
+    if sampler == "pndm":
+        if num_inference_steps > 1:  # PLMS: the second timestep twice, the first time from the first's provisional x
+            timesteps = np.concatenate([timesteps[:2], timesteps[1:]])
+        prev_timesteps = timesteps - ratio
+        if num_inference_steps > 1:
+            prev_timesteps[1] = timesteps[1]
+    elif sampler == "ddim":
+        prev_timesteps = timesteps - ratio
     else:
         prev_timesteps = np.append(timesteps[1:], -1)
     return SamplerPlan(jnp.asarray(timesteps, jnp.int32), jnp.asarray(prev_timesteps, jnp.int32), sampler, float(eta))
 
 
 def init_carry(plan: SamplerPlan, x):
-    """What a sampler keeps between steps: DPM-Solver++ 2M the previous x0 prediction (float32), others nothing."""
-    return jnp.zeros(x.shape, jnp.float32) if plan.sampler == "dpmpp_2m" else ()
+    """What a sampler keeps between steps (float32): DPM-Solver++ 2M the previous x0 prediction; PNDM its last
+    three kept model outputs (oldest first) and the x of its first step; the others nothing."""
+    if plan.sampler == "dpmpp_2m":
+        return jnp.zeros(x.shape, jnp.float32)
+    if plan.sampler == "pndm":
+        return jnp.zeros((3, *x.shape), jnp.float32), jnp.zeros(x.shape, jnp.float32)
+    return ()
 
 
 def _alphas_cumprod_at(schedule: NoiseSchedule, t, fallback, x):
@@ -203,6 +219,38 @@ def dpm_solver_step(schedule: NoiseSchedule, plan: SamplerPlan, previous_x0, i, 
     return (sigma_t / sigma_s0) * x - coef * x0 - 0.5 * coef * d1, x0
 
 
+def pndm_step(schedule: NoiseSchedule, plan: SamplerPlan, carry, i, x, model_output):
+    """Step ``i`` of PNDM with ``skip_prk_steps`` (linear multistep, PLMS), as ``PNDMScheduler.step_plms``; returns
+    (x_next, carry).
+
+    Step 0 moves ``x`` with its own output; step 1 restarts from step 0's ``x``
+    with the mean of both outputs; then the outputs kept so far (step 1's is not
+    kept) are combined by the Adams-Bashforth formulas of order 2, 3 and 4. The
+    combined output is converted to a noise prediction (v-prediction) and x moved
+    by PNDM's transfer formula (no clipping).
+    """
+    kept, first_x = carry
+    oldest, older, last = kept[0], kept[1], kept[2]
+    combined = jax.lax.switch(jnp.minimum(i, 4), [
+        lambda: model_output,
+        lambda: (model_output + last) / 2,
+        lambda: (3 * model_output - last) / 2,
+        lambda: (23 * model_output - 16 * last + 5 * older) / 12,
+        lambda: (1 / 24) * (55 * model_output - 59 * last + 37 * older - 9 * oldest),
+    ])
+    ratio = schedule.num_train_timesteps // (plan.num_steps - 1) if plan.num_steps > 1 else 0
+    t = jnp.where(i == 1, plan.timesteps[i] + ratio, plan.timesteps[i])
+    sample = jnp.where(i == 1, first_x, x)
+    abar_t = _alphas_cumprod_at(schedule, t, 0.0, x)
+    abar_prev = _alphas_cumprod_at(schedule, plan.prev_timesteps[i], schedule.final_alpha_cumprod, x)
+    if schedule.prediction_type == "v_prediction":
+        combined = abar_t**0.5 * combined + (1 - abar_t) ** 0.5 * sample
+    denominator = abar_t * (1 - abar_prev) ** 0.5 + (abar_t * (1 - abar_t) * abar_prev) ** 0.5
+    x_next = (abar_prev / abar_t) ** 0.5 * sample - (abar_prev - abar_t) * combined / denominator
+    kept = jnp.where(i == 1, kept, jnp.concatenate([kept[1:], model_output[None]]))
+    return x_next, (kept, jnp.where(i == 0, x, first_x))
+
+
 def sampler_step(schedule: NoiseSchedule, plan: SamplerPlan, carry, i, x, model_output, noise=None):
     """Step ``i`` of ``plan`` from ``x`` given the model's output at ``(x, plan.timesteps[i])``.
 
@@ -217,6 +265,8 @@ def sampler_step(schedule: NoiseSchedule, plan: SamplerPlan, carry, i, x, model_
     t, prev_t = plan.timesteps[i], plan.prev_timesteps[i]
     if plan.sampler == "dpmpp_2m":
         x_next, carry = dpm_solver_step(schedule, plan, carry, i, x32, model_output)
+    elif plan.sampler == "pndm":
+        x_next, carry = pndm_step(schedule, plan, carry, i, x32, model_output)
     elif plan.sampler == "ddim":
         x_next = ddim_step(schedule, model_output, t, prev_t, x32, plan.eta, noise if plan.eta > 0 else None)
     else:

@@ -31,9 +31,10 @@ _SCHEDULE_KEYS = (
     "timestep_spacing",
     "prediction_type",
 )
-# Options that change sampling in ways this port does not implement, with the values it accepts. PNDM's own
-# options (skip_prk_steps) and DPM-Solver's lower_order_final / euler_at_final (the last step is first order
-# anyway when the final sigma is zero) change nothing here.
+# Options that change sampling in ways this port does not implement, with the values it accepts. PNDM's
+# skip_prk_steps is not read: the "pndm" sampler is PNDM with it on, as Stable Diffusion's configs set it.
+# DPM-Solver's lower_order_final / euler_at_final change nothing here (the last step is first order anyway
+# when the final sigma is zero).
 _ACCEPTED_OPTIONS = {
     "thresholding": (False,),
     "rescale_betas_zero_snr": (False,),

@@ -32,7 +32,7 @@ from deme_jax.metrics.fid import (
 )
 from deme_jax.metrics.mnist_features import fd_mnist, load_mnist_features
 from deme_jax.randomness import stream_key
-from deme_jax.text2image import generate
+from deme_jax.text2image import SCHEDULERS, generate
 
 METRICS = ("fid", "kid", "fd_mnist")
 TEXT_TO_IMAGE_METRICS = ("fid", "kid", "clip_score")
@@ -137,7 +137,7 @@ class TextToImageScorer:
     ``images, scores = scorer(pipeline, k)`` samples the pipeline for the prompts with seed ``k``'s latents.
 
     One image per prompt of ``eval_config.prompts`` (the first ``num_samples``), guided (``guidance_scale``) by
-    DDIM or DPM-Solver++ (``sampler``, ``ddim_steps`` steps) at the pipeline's resolution; FID and KID of the
+    DDIM, DPM-Solver++ or PNDM (``sampler``, ``ddim_steps`` steps) at the pipeline's resolution; FID and KID of the
     images resized to ``fid_resolution`` against ``eval_config.reference`` (an image folder, read as
     ``data_config`` reads one, at that size; or pytorch-fid ``.npz`` statistics), and the CLIP score of the
     full-size images with their prompts (``clip_model``, a transformers CLIP directory). Seed ``k``'s latents are
@@ -152,9 +152,9 @@ class TextToImageScorer:
         if unknown:
             raise ValueError(f"config.evaluate.metrics has {unknown}; a text-to-image model is scored with "
                              f"{list(TEXT_TO_IMAGE_METRICS)}.")
-        if eval_config.sampler not in ("ddim", "dpmpp_2m"):
+        if eval_config.sampler not in SCHEDULERS:
             raise ValueError(f"config.evaluate.sampler={eval_config.sampler!r}: a text-to-image model samples with "
-                             "'ddim' or 'dpmpp_2m'.")
+                             f"one of {', '.join(map(repr, SCHEDULERS))}.")
         self.config = eval_config
         self.prompts = read_prompts(eval_config.prompts)[:eval_config.num_samples]
         self.clip = None

@@ -21,7 +21,7 @@ from flax import linen as nn
 from deme_jax.diffusion import NoiseSchedule, init_carry, make_plan, sampler_step
 from deme_jax.text2image.tokenizer import CLIPTokenizer
 
-SCHEDULERS = ("ddim", "dpmpp_2m")
+SCHEDULERS = ("ddim", "dpmpp_2m", "pndm")
 
 
 @dataclasses.dataclass(frozen=True)
