@@ -25,6 +25,7 @@ def test_cosine_matrix_by_hand():
     np.testing.assert_allclose(m, [[1, 0, s], [0, 1, s], [s, s, 1]], atol=1e-12)
 
 
+@pytest.mark.slow  # 24 s
 def test_interval_gradient_is_the_gradient_of_that_interval_loss():
     params = init_params(MODEL, jax.random.key(0))
     schedule = make_schedule()

@@ -29,6 +29,7 @@ def test_convert_diffusers_to_orbax_and_back_is_bit_identical(tmp_path):
     assert model.sample_size == 16 and model.attention_head_dim is None
     main(["convert", str(tmp_path / "orbax"), str(tmp_path / "back")])
     reloaded = UNet2DModel.from_pretrained(tmp_path / "back").state_dict()
+    assert reloaded.keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
         assert torch.equal(value, reloaded[key]), key
 

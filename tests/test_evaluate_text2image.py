@@ -14,7 +14,7 @@ from deme_jax.commands.evaluate import run as evaluate
 from deme_jax.interop import load_stable_diffusion
 from deme_jax.metrics.clip_score import CLIPScorer
 from deme_jax.metrics.fid import compute_statistics, frechet_distance, load_inception
-from deme_jax.metrics.scoring import resize_uint8, sample_noise
+from deme_jax.metrics.scoring import sample_noise
 from deme_jax.images import to_uint8
 from tests.sd_util import tiny_pipeline
 from tests.test_clip_score import random_clip, save_clip_directory
@@ -70,8 +70,8 @@ def test_scores_each_seed_and_pairs_every_image_with_its_prompt(setup, tmp_path)
     inception = load_inception()
     reference = np.stack([np.asarray(Image.open(setup["reference"] / f"{i}.png").resize((32, 32), Image.BICUBIC))
                           for i in range(6)])
-    fid = frechet_distance(*compute_statistics(inception(resize_uint8(images, 32))),
-                           *compute_statistics(inception(reference)))
+    downsampled = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.BICUBIC)) for x in images])
+    fid = frechet_distance(*compute_statistics(inception(downsampled)), *compute_statistics(inception(reference)))
     assert result["per_seed"][1]["fid"] == pytest.approx(fid, rel=1e-4)
 
 

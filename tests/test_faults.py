@@ -80,6 +80,7 @@ def test_a_second_run_on_a_held_workdir_is_refused_at_once(tmp_path):
     assert not (tmp_path / "lock.json").exists() and final_params(tmp_path)[0] == 2
 
 
+@pytest.mark.slow  # 27 s; refusal through the shell and the drift check itself run by default
 def test_a_restart_that_changes_the_model_is_refused_before_compiling(tmp_path):
     train_and_evaluate(small_config(), tmp_path)
     before = contents(tmp_path)

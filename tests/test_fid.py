@@ -211,7 +211,9 @@ def test_features_match_pytorch_fid_random_weights(random_model, shape):
     err, centred = rel_err(ours, ref), rel_err(ours - ours.mean(0), ref - ref.mean(0))
     print(f"random weights {shape}: relative L2 error {err:.2e} ({centred:.2e} about the batch mean), "
           f"max abs {np.abs(ours - ref).max():.2e} of max {np.abs(ref).max():.3g}")
-    assert err <= 1e-4 and centred <= 1e-3
+    # Random weights give features with a large common part; about the batch mean the same float32 rounding is
+    # relatively ~40x larger (measured 4e-7 and 1.6e-5).
+    assert err <= 1e-4 and centred <= 1e-4
 
 
 def test_logits_head_is_the_unbiased_fc(random_model):

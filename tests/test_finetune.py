@@ -251,6 +251,7 @@ def test_deme_commands_from_the_shell(pretrained, tmp_path):
     assert len(result["candidates"]) == 4 and (tmp_path / "run" / "merge" / "diffusers" / "config.json").is_file()
 
 
+@pytest.mark.slow  # 18 s; ANT-UW's loss is checked by hand by default in test_objective.py
 def test_ant_uw_learns_its_log_variances_and_exports_without_them(pretrained, tmp_path):
     config = tiny_config(pretrained, num_replicas=1, weighting="uncertainty", uncertainty_tasks=4,
                          consistency_weight=0.0, channel_projection=False)

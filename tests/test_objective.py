@@ -38,6 +38,7 @@ def test_weightings_by_hand():
                                rtol=1e-6)
     assert float(min_snr_weight(schedule, t, 5.0)[2]) == pytest.approx(1.0)  # low SNR: unweighted
     np.testing.assert_allclose(p2_weight(schedule, t, 1.0, 1.0), 1 / (1 + expected_snr), rtol=1e-6)
+    np.testing.assert_allclose(p2_weight(schedule, t, 0.5, 2.0), (2 + expected_snr) ** -0.5, rtol=1e-6)
 
 
 def test_v_prediction_weights_give_the_epsilon_objective():

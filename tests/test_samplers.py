@@ -97,7 +97,7 @@ def step_errors(sampler, config, num_steps, tmp_path):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("spacing", [None, "trailing"])  # None: DDIMScheduler's default, leading
+@pytest.mark.parametrize("spacing", [None, "linspace", "trailing"])  # None: DDIMScheduler's default, leading
 def test_ddim_steps_match_diffusers(prediction_type, spacing, tmp_path):
     config = dict(SD1_CONFIG, prediction_type=prediction_type)
     if spacing:
@@ -106,7 +106,7 @@ def test_ddim_steps_match_diffusers(prediction_type, spacing, tmp_path):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("spacing", [None, "leading"])  # None: DPMSolverMultistepScheduler's default, linspace
+@pytest.mark.parametrize("spacing", [None, "leading", "trailing"])  # None: DPMSolverMultistepScheduler's default, linspace
 @pytest.mark.parametrize("num_steps", [10, 25])
 def test_dpm_solver_steps_match_diffusers(prediction_type, spacing, num_steps, tmp_path):
     config = dict(SD1_CONFIG, prediction_type=prediction_type)

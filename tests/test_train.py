@@ -131,8 +131,8 @@ def test_eight_devices_give_the_losses_of_one(tmp_path):
         "import json, sys; from deme_jax.train import train_and_evaluate; from tests import tiny_config\n"
         "import jax; c = tiny_config.get_config(); c.train.num_steps = 4; c.train.log_every = 1\n"
         "c.train.eval_every = 0; c.train.sample_every = 4; c.mesh.fsdp = sys.argv[2] == 'fsdp'\n"
-        "s = train_and_evaluate(c, sys.argv[1])\n"
-        "print(json.dumps({'devices': jax.device_count(), 'w': float(abs(s.params['conv_in']['kernel']).sum())}))"
+        "train_and_evaluate(c, sys.argv[1])\n"
+        "print(json.dumps({'devices': jax.device_count()}))"
     )
     results = {}
     for name, flags, mode in (("one", "", "dp"), ("eight", "--xla_force_host_platform_device_count=8", "dp"),
@@ -144,9 +144,12 @@ def test_eight_devices_give_the_losses_of_one(tmp_path):
         results[name]["loss"] = list(read_scalars(tmp_path / name)["train/loss"].values())
         results[name]["grid"] = np.asarray(Image.open(tmp_path / name / "samples" / "step_0000004.png"), float)
     assert results["one"]["devices"] == 1 and results["eight"]["devices"] == 8
+    flat = lambda name: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+        final_params(tmp_path / name)[1])])
     for other in ("eight", "eight_fsdp"):
         np.testing.assert_allclose(results[other]["loss"], results["one"]["loss"], rtol=1e-5)
-        assert results[other]["w"] == pytest.approx(results["one"]["w"], rel=1e-5)
+        ours, expected = flat(other), flat("one")  # every parameter and EMA weight
+        assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-5
         assert np.abs(results[other]["grid"] - results["one"]["grid"]).max() <= 1  # uint8 rounding
 
 

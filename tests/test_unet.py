@@ -196,6 +196,7 @@ def test_channel_projection_starts_as_identity():
                                   plain.apply({"params": stripped}, x, t))
 
 
+@pytest.mark.slow  # 23 s; the SD UNet's remat is checked by default in test_unet_condition.py
 def test_remat_gives_the_same_outputs_and_gradients_with_dropout():
     """Equal up to float32 rounding (XLA fuses the recomputed forward differently); the recomputation draws the
     same dropout masks, and ``train`` stays static through the rematerialised blocks."""

@@ -120,9 +120,9 @@ def make_train_step(model, schedule: NoiseSchedule, optimizer: optax.GradientTra
     for the global batch and timesteps per microbatch
     (``timesteps_per_microbatch``), so a step gives the same result however the
     batch is sharded, and after a restart; with another ``grad_accum_steps`` it
-    draws other timesteps (and dropout masks, drawn per microbatch). A step whose loss or gradient norm is not finite
-    leaves the state untouched and reports ``nonfinite`` = 1, so no checkpoint
-    ever holds its result.
+    draws other timesteps (and dropout masks, drawn per microbatch). A step
+    whose loss or gradient norm is not finite leaves the state untouched and
+    reports ``nonfinite`` = 1, so no checkpoint ever holds its result.
     """
     T = schedule.num_train_timesteps
     sample_timesteps = sample_timesteps or uniform_timesteps(T)
