@@ -106,7 +106,8 @@ def test_ddim_steps_match_diffusers(prediction_type, spacing, tmp_path):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("spacing", [None, "leading", "trailing"])  # None: DPMSolverMultistepScheduler's default, linspace
+# None: DPMSolverMultistepScheduler's default, linspace
+@pytest.mark.parametrize("spacing", [None, "leading", "trailing"])
 @pytest.mark.parametrize("num_steps", [10, 25])
 def test_dpm_solver_steps_match_diffusers(prediction_type, spacing, num_steps, tmp_path):
     config = dict(SD1_CONFIG, prediction_type=prediction_type)
