@@ -64,12 +64,10 @@ def handle(command: str, err: Exception) -> None:
     """Ends the process with one line for a user error or a preemption; returns for anything else (re-raise)."""
     from deme_jax.train import Preempted
 
-    if isinstance(err, Preempted):
+    code = PREEMPTED_EXIT_CODE if isinstance(err, Preempted) else 2 if is_user_error(err) else None
+    if code is not None:
         print(f"deme {command}: {err}", file=sys.stderr, flush=True)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    if is_user_error(err):
-        print(f"deme {command}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(code)
 
 
 def quiet_background_errors() -> None:

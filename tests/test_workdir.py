@@ -99,16 +99,7 @@ def test_processes_of_one_job_restarting_on_a_stale_lock_all_start(tmp_path, dea
         workdir = tmp_path / str(round_)
         workdir.mkdir()
         write_lock(workdir, pid=dead_pid, job_id="the crashed job")
-        start, done, results = context.Barrier(4), context.Event(), context.Queue()
-        racers = [context.Process(target=try_lock, args=(workdir, start, done, results, "coordinator:1234"))
-                  for _ in range(4)]
-        for racer in racers:
-            racer.start()
-        outcomes = sorted(results.get(timeout=20) for _ in racers)
-        done.set()
-        for racer in racers:
-            racer.join(10)
-        assert outcomes == ["shared", "shared", "shared", "won"]
+        assert race(context, workdir, "coordinator:1234") == ["shared", "shared", "shared", "won"]
 
 
 def test_release_removes_only_this_process_lock(tmp_path):
@@ -140,6 +131,21 @@ def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
         assert lock_file(tmp_path) == theirs and lock.lost
 
 
+def race(context, workdir, job_id=None, racers=4) -> list[str]:
+    """Sorted outcomes of ``racers`` processes taking the lock at once (each holds what it won until all tried)."""
+    start, done, results = context.Barrier(racers), context.Event(), context.Queue()
+    processes = [context.Process(target=try_lock, args=(workdir, start, done, results, job_id))
+                 for _ in range(racers)]
+    for process in processes:
+        process.start()
+    outcomes = sorted(results.get(timeout=20) for _ in processes)
+    done.set()
+    for process in processes:
+        process.join(10)
+        assert process.exitcode == 0
+    return outcomes
+
+
 def try_lock(workdir, start, done, results, job_id=None):
     start.wait(10)
     try:
@@ -161,16 +167,7 @@ def test_racing_processes_exactly_one_wins(tmp_path, dead_pid, stale):
         workdir.mkdir()
         if stale:
             write_lock(workdir, pid=dead_pid)
-        start, done, results = context.Barrier(4), context.Event(), context.Queue()
-        racers = [context.Process(target=try_lock, args=(workdir, start, done, results)) for _ in range(4)]
-        for racer in racers:
-            racer.start()
-        outcomes = sorted(results.get(timeout=20) for _ in racers)
-        done.set()
-        for racer in racers:
-            racer.join(10)
-            assert racer.exitcode == 0
-        assert outcomes == ["refused", "refused", "refused", "won"]
+        assert race(context, workdir) == ["refused", "refused", "refused", "won"]
         assert not (workdir / "lock.json").exists()
 
 
