@@ -5,8 +5,8 @@
 
 The step (``make_replica_step``: interval sampler, student forward and
 backward, frozen teacher forward, AdamW, EMA) for ``--replicas`` stacked
-replicas (``map_over_replicas``, with the local replicas in one loop as on GPUs
-and TPUs or unrolled as on CPUs: ``--loop``) or for one replica as the
+replicas (``map_over_replicas``, a device's replicas in one ``lax.map`` loop as
+``deme finetune`` runs them, or unrolled: ``--loop unroll``) or for one replica as the
 sequential mode trains them, ``--batch`` images per replica in
 ``--microbatches`` gradient-accumulation steps. Models: ``church``, the
 reference's LSUN-Church recipe (google/ddpm-ema-church-256's 113.7M-parameter
@@ -71,7 +71,7 @@ def model_and_batch(name: str, dtype: str, remat: bool, replicas: int, batch: in
 
 
 def compiled_memory(name: str, mode: str, replicas: int, batch: int, microbatches: int, dtype: str,
-                    lora_rank: int, remat: bool, unroll: bool | None) -> dict:
+                    lora_rank: int, remat: bool, unroll: bool) -> dict:
     import jax
     from flax import traverse_util
 
@@ -135,8 +135,8 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, help="gradient-accumulation steps (church 4, sd15 1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute (church float32, sd15 bfloat16)")
     parser.add_argument("--lora-rank", type=int, default=64, help="sd15's LoRA variants")
-    parser.add_argument("--loop", choices=("auto", "unroll", "lax_map"), default="auto",
-                        help="stacked replicas on one device: map_over_replicas' choice for the backend, or forced")
+    parser.add_argument("--loop", choices=("lax_map", "unroll"), default="lax_map",
+                        help="stacked replicas on one device: map_over_replicas' loop, or a copy per replica")
     parser.add_argument("--variants", nargs="+", help="which to compile (each takes minutes on a CPU; default: "
                                                       "all of the model's); others already in the results file "
                                                       "with the same settings are kept")
@@ -165,11 +165,11 @@ def main() -> None:
         if earlier["settings"] == settings:
             record["results"] = earlier["results"]
     args.out.mkdir(parents=True, exist_ok=True)
-    unroll = {"auto": None, "unroll": True, "lax_map": False}[args.loop]
     for name in variants:
         mode, lora, remat = VARIANTS[args.model][name]
         record["results"][name] = compiled_memory(args.model, mode, args.replicas, args.batch, args.microbatches,
-                                                  args.dtype, args.lora_rank if lora else 0, remat, unroll)
+                                                  args.dtype, args.lora_rank if lora else 0, remat,
+                                                  args.loop == "unroll")
         print(name, json.dumps(record["results"][name]), flush=True)
         path.write_text(json.dumps(record, indent=2) + "\n")  # after each variant: compiles take minutes
     print(f"wrote {path}")

@@ -1,7 +1,7 @@
 """N stacked DeMe replicas against one: per-replica training throughput, compile time and memory as N grows.
 
     python benchmarks/replicas.py [--model mnist16|cifar10] [--batch 32] [--replicas 1 2 4 8] [--steps 10]
-        [--rounds 5] [--impl auto|unroll|lax_map|vmap]
+        [--rounds 5] [--impl lax_map|unroll|vmap]
 
 One DeMe training step (interval sampler, student forward and backward, frozen
 teacher forward for the consistency loss, AdamW, EMA) for N replicas stacked in
@@ -88,7 +88,7 @@ def jax_stepper(model_fields, n: int, batch: int, impl: str):
     if impl == "vmap":  # for comparison: kernels batched into grouped convolutions
         stacked = jax.vmap(step, in_axes=(0, 0, {"low": 0, "high": 0, "teacher": None}))
     else:
-        stacked = map_over_replicas(step, mesh, unroll={"auto": None, "unroll": True, "lax_map": False}[impl])
+        stacked = map_over_replicas(step, mesh, unroll=impl == "unroll")
     train = jax.jit(stacked, donate_argnums=0)
     start = time.perf_counter()
     compiled = train.lower(state, images, task).compile()
@@ -213,9 +213,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=10, help="per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per N, alternating with PyTorch's")
-    parser.add_argument("--impl", choices=("auto", "unroll", "lax_map", "vmap"), default="auto",
-                        help="how stacked replicas run: deme finetune's map_over_replicas (auto: its choice for the "
-                             "backend; or forced unrolled / lax.map), or jax.vmap")
+    parser.add_argument("--impl", choices=("lax_map", "unroll", "vmap"), default="lax_map",
+                        help="how a device's stacked replicas run: deme finetune's map_over_replicas (one lax.map "
+                             "body), map_over_replicas(unroll=True) (a copy of the step per replica), or jax.vmap")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()

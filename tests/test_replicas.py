@@ -63,7 +63,7 @@ def tiny_replicas(n: int, global_prob: float = 0.0):
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "lax_map"])
 def test_map_over_replicas_runs_each_replica_with_its_own_slice(unroll):
     """One stacked step on the smallest UNet equals each replica's own step on its own slice, with the local
-    replicas unrolled (CPUs) or in one ``lax.map`` (GPUs, TPUs)."""
+    replicas in one ``lax.map`` (as ``deme finetune`` runs them) or unrolled."""
     n = 2
     step, task, state = tiny_replicas(n)
     images = jax.random.normal(jax.random.key(2), (n, 4, 8, 8, 1))
@@ -112,7 +112,7 @@ print(json.dumps({"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
 
 @pytest.mark.slow
 def test_lax_map_over_a_meshs_replicas_trains_what_the_unrolled_loop_trains():
-    """Accelerators' loop with two replicas per device and each replica's batch split over the ``data`` axis (8
+    """The loop with two replicas per device and each replica's batch split over the ``data`` axis (8
     forced CPU devices as replica=2 x data=4), two steps: the same replicas as the unrolled loop, to float rounding
     (which Adam's first steps turn into lr-sized moves where a gradient is zero in theory)."""
     proc = subprocess.run([sys.executable, "-c", MAPPED_ON_A_MESH], cwd=Path(__file__).parents[1],

@@ -106,8 +106,75 @@ def group_norm(groups: int, eps: float, name: str, dtype) -> GroupNorm:
     return GroupNorm(groups, eps, dtype, name=name)
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, pads, precision):
+    return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC, precision=precision)
+
+
+def _conv_forward(x, kernel, strides, pads, precision):
+    return _conv(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _nhwc_gradients(strides, pads, precision, x, kernel, dy):
+    """Both gradients as NHWC x HWIO -> NHWC convolutions, the one form XLA:CPU runs with its fast kernels
+    wherever it sits: the input's from dy dilated by the stride against the flipped, transposed kernel; the
+    kernel's with channels as the batch, images as the features and dy (stride-dilated) as the kernel."""
+    size, out, window = x.shape[1:3], dy.shape[1:3], kernel.shape[:2]
+    geometry = list(zip(window, pads, size, out, strides))
+    input_pads = [(k - 1 - lo, n - 1 + lo - (m - 1) * s) for k, (lo, _), n, m, s in geometry]
+    kernel_pads = [(lo, k - n - lo + (m - 1) * s) for k, (lo, _), n, m, s in geometry]
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), input_pads, lhs_dilation=strides, dimension_numbers=NHWC,
+                                      precision=precision)
+    dk = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), kernel_pads,
+                                      rhs_dilation=strides, dimension_numbers=NHWC, precision=precision)
+    return dx, dk.transpose(1, 2, 0, 3)
+
+
+def _xla_gradients(strides, pads, precision, x, kernel, dy):
+    conv = partial(jax.lax.conv_general_dilated, window_strides=strides, padding=pads, dimension_numbers=NHWC,
+                   precision=precision)
+    return jax.vjp(conv, x, kernel)[1](dy)
+
+
+def _conv_backward(strides, pads, precision, residuals, dy):
+    geometry = (strides, pads, precision)
+    return jax.lax.platform_dependent(*residuals, dy, cpu=partial(_nhwc_gradients, *geometry),
+                                      default=partial(_xla_gradients, *geometry))
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def conv_nhwc(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` for ``nn.Conv``'s NHWC layout, whose gradients XLA:CPU runs fast in loops too.
+
+    XLA:CPU rewrites a convolution's gradients into its fast NHWC form only
+    outside loops: inside a ``lax.scan``/``lax.map`` body (stacked replicas,
+    gradient accumulation, chunked held-out losses) they ran as naive loops,
+    60x slower (jaxlib 0.10.2; 10 3x3 convolutions, batch 32, 16x16x64: 7.2 s
+    against 0.12 s). On CPUs the gradients are written in that form here
+    (bit-identical to JAX's); other backends keep JAX's own, which cuDNN maps
+    to its backward kernels. ``dimension_numbers`` are ``nn.Conv``'s NHWC ones.
+    """
+    if {tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1))} != {(1, 1)} or feature_group_count != 1:
+        raise ValueError("conv_nhwc computes undilated, ungrouped convolutions only")
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+    return _conv(x, kernel, tuple(strides), tuple(map(tuple, padding)), precision)
+
+
+def conv(features: int, kernel_size: int, name: str, dtype, strides: int = 1, padding=((1, 1), (1, 1))) -> nn.Conv:
+    return nn.Conv(features, (kernel_size, kernel_size), strides, padding=padding, dtype=dtype, name=name,
+                   conv_general_dilated=conv_nhwc)
+
+
 def conv3x3(features: int, name: str, dtype) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+    return conv(features, 3, name, dtype)
 
 
 class Conv1x1(nn.Module):
@@ -243,7 +310,7 @@ class Downsample2D(nn.Module):
     def __call__(self, h):
         # padding 0 is diffusers' (0, 1, 0, 1) right/bottom pad before a VALID conv.
         pad = ((1, 1), (1, 1)) if self.padding else ((0, 1), (0, 1))
-        return nn.Conv(h.shape[-1], (3, 3), strides=2, padding=pad, dtype=self.dtype, name="conv")(h)
+        return conv(h.shape[-1], 3, "conv", self.dtype, strides=2, padding=pad)(h)
 
 
 class Upsample2D(nn.Module):
