@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -34,8 +35,9 @@ def write_lock(workdir, host=HOST, pid=None, heartbeat_age_s=0.0, job_id=None) -
     """A lock file as another process would have written it."""
     heartbeat = time.time() - heartbeat_age_s
     record = dict(host=host, pid=os.getpid() if pid is None else pid, start_time=STARTED, start_unix=heartbeat - 60,
-                  heartbeat_unix=heartbeat, job_id=job_id, token="another process")
+                  job_id=job_id, token="another process")
     (workdir / "lock.json").write_text(json.dumps(record))
+    os.utime(workdir / "lock.json", (heartbeat, heartbeat))
     return record
 
 
@@ -113,14 +115,13 @@ def test_release_removes_only_this_process_lock(tmp_path):
 
 
 def test_heartbeat_advances_while_held(tmp_path):
+    heartbeat = lambda: (tmp_path / "lock.json").stat().st_mtime  # noqa: E731
     with WorkdirLock(tmp_path, heartbeat_every_s=0.05):
-        first = lock_file(tmp_path)
+        first, first_beat = lock_file(tmp_path), heartbeat()
         deadline = time.time() + 5
-        while lock_file(tmp_path)["heartbeat_unix"] == first["heartbeat_unix"] and time.time() < deadline:
+        while heartbeat() == first_beat and time.time() < deadline:
             time.sleep(0.02)
-        now = lock_file(tmp_path)
-    assert now["heartbeat_unix"] > first["heartbeat_unix"] and now["start_unix"] == first["start_unix"]
-    assert now["token"] == first["token"]
+        assert heartbeat() > first_beat and lock_file(tmp_path) == first
 
 
 def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
@@ -129,6 +130,27 @@ def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
         theirs = write_lock(tmp_path, host="other-host")  # long before the first beat
         time.sleep(0.5)
         assert lock_file(tmp_path) == theirs and lock.lost
+
+
+def test_a_takeover_between_a_heartbeats_check_and_its_beat_is_kept(tmp_path, monkeypatch):
+    """The beat after an ownership check must not put this run's lock back over one that replaced it meanwhile."""
+    owns_lock_file, taken_over = WorkdirLock._owns_lock_file, threading.Event()
+
+    def taken_over_right_after_the_check(self):
+        owns = owns_lock_file(self)
+        if owns and threading.current_thread().name == "workdir-lock-heartbeat" and not taken_over.is_set():
+            write_lock(tmp_path, host="other-host")
+            taken_over.set()
+        return owns
+
+    monkeypatch.setattr(WorkdirLock, "_owns_lock_file", taken_over_right_after_the_check)
+    with WorkdirLock(tmp_path, heartbeat_every_s=0.05) as lock:
+        assert taken_over.wait(5)
+        deadline = time.time() + 5
+        while not lock.lost and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.lost and lock_file(tmp_path)["token"] == "another process"
+    assert lock_file(tmp_path)["token"] == "another process"
 
 
 def race(context, workdir, job_id=None, racers=4) -> list[str]:

@@ -54,8 +54,9 @@ def _describe(holder: dict) -> str:
 class WorkdirLock:
     """Holds ``workdir/lock.json`` so that a second run on the workdir refuses at once; also a context manager.
 
-    The file names the holder (host, pid, start time, job id) and a heartbeat that a daemon thread refreshes
-    every ``heartbeat_every_s``. A holder is gone when its pid is dead on this host or its heartbeat is older
+    The file names the holder (host, pid, start time, job id); its modification time is a heartbeat that a
+    daemon thread refreshes every ``heartbeat_every_s`` (``os.utime``: a beat never rewrites the file, so it
+    cannot overwrite the lock of a run that took over between its check and its write). A holder is gone when its pid is dead on this host or its heartbeat is older
     than ``stale_after_s`` (the only sign from another host, and what catches a reused pid); its lock is then
     taken over with a warning. The processes of a multi-host job pass one ``job_id`` (derived alike on each,
     e.g. from the coordinator address) and share a live lock of that job, so only process 0 needs to hold and
@@ -87,7 +88,7 @@ class WorkdirLock:
         self.workdir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         self.record = dict(host=self.host, pid=os.getpid(), start_time=_utc_iso(now), start_unix=now,
-                           heartbeat_unix=now, job_id=self.job_id, token=uuid.uuid4().hex)
+                           job_id=self.job_id, token=uuid.uuid4().hex)
         while not self._create():  # each pass ends in a decision unless the lock file changed meanwhile
             text, holder = self._read()
             if holder is None:  # released since
@@ -127,11 +128,13 @@ class WorkdirLock:
             tmp.unlink()
 
     def _read(self) -> tuple[str | None, dict | None]:
+        """The lock file's text and its holder, with the file's modification time as ``heartbeat_unix``."""
         try:
-            text = self.path.read_text()
+            with open(self.path) as f:
+                text, heartbeat = f.read(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None, None
-        return text, json.loads(text)
+        return text, {**json.loads(text), "heartbeat_unix": heartbeat}
 
     def _is_live(self, holder: dict) -> bool:
         if time.time() - holder["heartbeat_unix"] > self.stale_after_s:
@@ -163,7 +166,7 @@ class WorkdirLock:
             raise WorkdirBusyError(f"--workdir={self.workdir}: another process is taking over the lock of a run that "
                                    f"is gone ({_describe(holder)}). If no run uses it, delete {self.path}.") from None
         try:
-            if self._read()[0] != stale_text:
+            if self._read()[1] != holder:  # replaced, or its holder beat again
                 return False
             self.path.unlink()
             if not self._create():
@@ -192,8 +195,8 @@ class WorkdirLock:
                     logging.warning("%s is no longer this run's lock; its heartbeat stops.", self.path)
                     self._lost.set()
                     return
-                self.record["heartbeat_unix"] = time.time()
-                os.replace(_complete_copy(self.path, self.record), self.path)
+                now = time.time()
+                os.utime(self.path, (now, now))
             except OSError as err:  # a passing filesystem error must not end the heartbeat
                 logging.warning("Could not refresh the heartbeat in %s: %s", self.path, err)
 
