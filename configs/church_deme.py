@@ -14,8 +14,8 @@ fp16). The reference's merge weights were
 [0.1, 0.1, 0.2, 0.5] (`--config.merge.search=none --config.merge.weights="(0.1,0.1,0.2,0.5)"`).
 Hardware: the 6-level 256x256 UNet (113M parameters) holds the activations of
 a 16-image microbatch per replica at a time (XLA:CPU's ahead-of-time estimate of
-one replica's step temporaries, float32: 44 GiB, against 173 GiB for the 64
-images at once; the whole step 46.5 GiB sequential, 59.1 GiB for N=4 stacked on
+one replica's step temporaries, float32: 35 GiB, against 173 GiB for the 64
+images at once; the whole step 37.1 GiB sequential, 49.7 GiB for N=4 stacked on
 one device, benchmarks/deme_memory.py church): one 80 GB GPU trains all four
 replicas; with 8 GPUs or TPU cores stacked
 replicas use a replica=4 x data=2 mesh; mode="sequential" trains one replica at
