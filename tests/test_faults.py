@@ -153,7 +153,7 @@ def test_a_run_whose_workdir_another_run_took_over_stops_before_its_next_save(tm
 
     monkeypatch.setattr(workdir_module.WorkdirLock, "__init__", functools.partialmethod(
         workdir_module.WorkdirLock.__init__, heartbeat_every_s=0.05))
-    config = small_config(num_steps=100_000)
+    config = small_config(num_steps=300)  # ends the test if the run never notices (about 2 steps in)
     theirs = {"host": "another-host", "pid": 1, "start_time": "now", "start_unix": 0.0, "job_id": None,
               "token": "the run that took over"}
 

@@ -153,6 +153,19 @@ def test_a_takeover_between_a_heartbeats_check_and_its_beat_is_kept(tmp_path, mo
     assert lock_file(tmp_path)["token"] == "another process"
 
 
+def test_heartbeat_outlives_a_half_written_lock_file(tmp_path):
+    """Another writer caught mid-write (an unparsable file) must not end the heartbeat: it still sees the takeover."""
+    with WorkdirLock(tmp_path, heartbeat_every_s=0.05) as lock:
+        (tmp_path / "lock.json").write_text('{"host": "other-')
+        time.sleep(0.3)
+        assert not lock.lost
+        theirs = write_lock(tmp_path, host="other-host")
+        deadline = time.time() + 5
+        while not lock.lost and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.lost and lock_file(tmp_path) == theirs
+
+
 def race(context, workdir, job_id=None, racers=4) -> list[str]:
     """Sorted outcomes of ``racers`` processes taking the lock at once (each holds what it won until all tried)."""
     start, done, results = context.Barrier(racers), context.Event(), context.Queue()

@@ -197,7 +197,7 @@ class WorkdirLock:
                     return
                 now = time.time()
                 os.utime(self.path, (now, now))
-            except OSError as err:  # a passing filesystem error must not end the heartbeat
+            except (OSError, ValueError) as err:  # a passing filesystem error or half-written file must not end it
                 logging.warning("Could not refresh the heartbeat in %s: %s", self.path, err)
 
 
