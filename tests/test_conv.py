@@ -20,16 +20,15 @@ GEOMETRIES = [  # (height, width, kernel, stride, padding)
 ]
 
 
-def torch_reference(x, kernel, stride, padding, cotangent):
+def torch_reference(x, kernel, stride, pads, cotangent):
     """Output and both gradients of torch's conv2d in float64, NHWC/HWIO in and out."""
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding)
-    (top, bottom), (left, right) = padding
+    (top, bottom), (left, right) = pads
     tx = torch.tensor(np.asarray(x, np.float64).transpose(0, 3, 1, 2), requires_grad=True)
     tk = torch.tensor(np.asarray(kernel, np.float64).transpose(3, 2, 0, 1), requires_grad=True)
     out = torch.nn.functional.conv2d(torch.nn.functional.pad(tx, (left, right, top, bottom)), tk, stride=stride)
     dx, dk = torch.autograd.grad(out, (tx, tk), torch.tensor(np.asarray(cotangent, np.float64).transpose(0, 3, 1, 2)))
-    return out.detach().numpy().transpose(0, 2, 3, 1), dx.numpy().transpose(0, 2, 3, 1), dk.numpy().transpose(2, 3, 1, 0)
+    nhwc = lambda a: a.detach().numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    return nhwc(out), nhwc(dx), dk.numpy().transpose(2, 3, 1, 0)
 
 
 @pytest.mark.reference
@@ -40,14 +39,14 @@ def test_values_and_gradients_equal_pytorch(height, width, size, stride, padding
     kernel = rng.standard_normal((size, size, 5, 7)).astype(np.float32)
     out, vjp = jax.vjp(lambda x, k: conv_nhwc(x, k, (stride, stride), padding), x, kernel)
     cotangent = rng.standard_normal(out.shape).astype(np.float32)
-    expected = torch_reference(x, kernel, stride, padding, cotangent)
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding) if isinstance(
+        padding, str) else padding
+    expected = torch_reference(x, kernel, stride, pads, cotangent)
     # float32 against float64: sums of 45-250 products of unit normals.
     for got, want in zip((out, *vjp(cotangent)), expected):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # The other backends' branch (JAX's own gradients) computes the same map.
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding) if isinstance(
-        padding, str) else padding
     args = ((stride, stride), tuple(map(tuple, pads)), None, x, kernel, cotangent)
     for ours, xla in zip(_nhwc_gradients(*args), _xla_gradients(*args)):
         np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)

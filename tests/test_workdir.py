@@ -132,6 +132,12 @@ def test_heartbeat_leaves_a_lock_another_run_took_over(tmp_path):
         assert lock_file(tmp_path) == theirs and lock.lost
 
 
+def wait_until_lost(lock: WorkdirLock, within_s: float = 5.0) -> None:
+    deadline = time.time() + within_s
+    while not lock.lost and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def test_a_takeover_between_a_heartbeats_check_and_its_beat_is_kept(tmp_path, monkeypatch):
     """The beat after an ownership check must not put this run's lock back over one that replaced it meanwhile."""
     owns_lock_file, taken_over = WorkdirLock._owns_lock_file, threading.Event()
@@ -146,9 +152,7 @@ def test_a_takeover_between_a_heartbeats_check_and_its_beat_is_kept(tmp_path, mo
     monkeypatch.setattr(WorkdirLock, "_owns_lock_file", taken_over_right_after_the_check)
     with WorkdirLock(tmp_path, heartbeat_every_s=0.05) as lock:
         assert taken_over.wait(5)
-        deadline = time.time() + 5
-        while not lock.lost and time.time() < deadline:
-            time.sleep(0.02)
+        wait_until_lost(lock)
         assert lock.lost and lock_file(tmp_path)["token"] == "another process"
     assert lock_file(tmp_path)["token"] == "another process"
 
@@ -160,9 +164,7 @@ def test_heartbeat_outlives_a_half_written_lock_file(tmp_path):
         time.sleep(0.3)
         assert not lock.lost
         theirs = write_lock(tmp_path, host="other-host")
-        deadline = time.time() + 5
-        while not lock.lost and time.time() < deadline:
-            time.sleep(0.02)
+        wait_until_lost(lock)
         assert lock.lost and lock_file(tmp_path) == theirs
 
 

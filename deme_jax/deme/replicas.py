@@ -82,9 +82,9 @@ def map_over_replicas(step, mesh: Mesh, unroll: bool = False):
     are one replica's whatever their number; a single local replica runs
     without the loop. ``unroll`` compiles one copy of the step per replica
     instead, for comparison: on a 2-core CPU with N=8 replicas of the demo's
-    UNet, 159 against 190 replica-images/s mapped, compiled in 153 against
-    21 s, 1,045 against 398 MiB (benchmarks/replicas.py; on an H200 the
-    unrolled N=4 step did not compile within 100 s). ``jax.vmap`` would
+    UNet, 160.0 against 161.6 replica-images/s mapped, compiled in 180 against
+    27 s, 1,045 against 398 MiB (benchmarks/results/replicas-mnist16-*-cpu.json;
+    on an H200 the unrolled N=4 step did not compile within 100 s). ``jax.vmap`` would
     batch the convolution kernels into grouped convolutions: 0.8x the
     one-replica throughput on XLA:CPU.
     """

@@ -56,11 +56,12 @@ class WorkdirLock:
 
     The file names the holder (host, pid, start time, job id); its modification time is a heartbeat that a
     daemon thread refreshes every ``heartbeat_every_s`` (``os.utime``: a beat never rewrites the file, so it
-    cannot overwrite the lock of a run that took over between its check and its write). A holder is gone when its pid is dead on this host or its heartbeat is older
-    than ``stale_after_s`` (the only sign from another host, and what catches a reused pid); its lock is then
-    taken over with a warning. The processes of a multi-host job pass one ``job_id`` (derived alike on each,
-    e.g. from the coordinator address) and share a live lock of that job, so only process 0 needs to hold and
-    heartbeat it. The file is created by a hard link, so the workdir's file system must support them.
+    cannot overwrite the lock of a run that took over between its check and its write). A holder is gone when
+    its pid is dead on this host or its heartbeat is older than ``stale_after_s`` (the only sign from another host,
+    and what catches a reused pid); its lock is then taken over with a warning. The processes of a multi-host job
+    pass one ``job_id`` (derived alike on each, e.g. from the coordinator address) and share a live lock of that
+    job, so only process 0 needs to hold and heartbeat it. The file is created by a hard link, so the workdir's file
+    system must support them.
     """
 
     def __init__(self, workdir: str | Path, job_id: str | None = None, heartbeat_every_s: float = 30.0,
