@@ -7,8 +7,8 @@ load_diffusers_unet). PyTorch runs eager under ``torch.no_grad`` with as many
 threads as cores; JAX runs one jitted call (the forward) and one compiled
 ``lax.scan`` (the DDIM run), timed after a warm-up call that compiles. The
 forward's convolutions are also timed one by one on both sides (same shapes,
-each the median of a few calls): their sum bounds what any forward can reach
-while the convolutions run at the libraries' speed. Results go to
+each the median of a few calls; ours also as XLA's direct convolution): their
+sum bounds what any forward can reach while the convolutions run at that speed. Results go to
 ``benchmarks/results/unet_ddim-<platform>.json`` with the machine and versions.
 """
 
@@ -48,47 +48,55 @@ def median_time(fn, repeats: int) -> float:
 
 
 def forward_convolutions(apply, *args) -> collections.Counter:
-    """(input shape, kernel shape, strides, padding) -> count, for every convolution in ``apply(*args)``."""
+    """(input shape, kernel shape, strides, padding) -> count, for every ``nn.Conv`` that ``apply(*args)`` calls."""
     import jax
-    from jax.extend.core import jaxprs_in_params
+    from flax import linen as nn
 
     found = collections.Counter()
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                p = eqn.params
-                assert p["dimension_numbers"].lhs_spec == (0, 3, 1, 2) and p["feature_group_count"] == 1
-                found[(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, tuple(p["window_strides"]),
-                       tuple(map(tuple, p["padding"])))] += 1
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
+    def record(call, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            x = args[0]
+            window = tuple(module.kernel_size)
+            strides = (module.strides,) * 2 if isinstance(module.strides, int) else tuple(module.strides)
+            padding = module.padding
+            if isinstance(padding, str):
+                padding = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+            found[(x.shape, (*window, x.shape[-1], module.features), strides, tuple(map(tuple, padding)))] += 1
+        return call(*args, **kwargs)
 
-    walk(jax.make_jaxpr(apply)(*args).jaxpr)
+    with nn.intercept_methods(record):  # traced afresh: a jitted ``apply`` would hit JAX's trace cache
+        jax.eval_shape(lambda *args: apply(*args), *args)
     return found
 
 
 def convolution_seconds(convolutions: collections.Counter, repeats: int, backward: bool = False) -> dict:
-    """The forward's convolutions timed one at a time, NHWC in JAX and NCHW in PyTorch (as the UNets run them);
+    """The forward's convolutions timed one at a time: as the models run them (``conv_nhwc``: Winograd's where it
+    pays on CPUs), as XLA's direct convolution, NHWC, and in PyTorch, NCHW (as the UNets run them);
     ``backward``: each with the gradients of its input and kernel as well."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
-    totals = {"jax": 0.0, "torch": 0.0}
+    from deme_jax.models.layers import conv_nhwc
+
+    totals = {"jax": 0.0, "jax_direct": 0.0, "torch": 0.0}
     rng = np.random.default_rng(0)
     for (x_shape, w_shape, strides, padding), count in convolutions.items():
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = rng.standard_normal(w_shape).astype(np.float32)
-        conv = lambda x, w, strides=strides, padding=padding: jax.lax.conv_general_dilated(
-            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        if backward:
-            conv = jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w) ** 2), (0, 1))
-        conv = jax.jit(conv)
         xj, wj = jax.device_put(x), jax.device_put(w)
-        jax.block_until_ready(conv(xj, wj))
-        totals["jax"] += count * median_time(lambda: jax.block_until_ready(conv(xj, wj)), repeats)
+        direct = lambda x, w, strides=strides, padding=padding: jax.lax.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        ours = lambda x, w, strides=strides, padding=padding: conv_nhwc(x, w, strides, padding)
+        for name, conv in (("jax", ours), ("jax_direct", direct)):
+            if backward:
+                conv = jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w) ** 2), (0, 1))
+            conv = jax.jit(conv)
+            jax.block_until_ready(conv(xj, wj))
+            totals[name] += count * median_time(lambda: jax.block_until_ready(conv(xj, wj)), repeats)
         xt, wt = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(backward),
                   torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(backward))
         (top, bottom), (left, right) = padding
@@ -179,11 +187,13 @@ def main() -> None:
     convolutions = forward_convolutions(model.apply, {"params": params}, xj, tj)
     conv_s = convolution_seconds(convolutions, max(args.repeats, 5))
     results["forward_convolutions"] = sum(convolutions.values())
-    results["forward_convolutions_jax_s"], results["forward_convolutions_torch_s"] = conv_s["jax"], conv_s["torch"]
-    # The best forward with JAX's convolutions and nothing else, against PyTorch's whole forward.
+    results["forward_convolutions_jax_s"] = conv_s["jax"]
+    results["forward_convolutions_jax_direct_s"] = conv_s["jax_direct"]
+    results["forward_convolutions_torch_s"] = conv_s["torch"]
+    # The best forward with our convolutions and nothing else, against PyTorch's whole forward.
     results["forward_speedup_bound"] = results["forward_torch_s"] / conv_s["jax"]
     print(f"the forward's {sum(convolutions.values())} convolutions one by one: torch {conv_s['torch']:.3f} s, "
-          f"jax {conv_s['jax']:.3f} s", flush=True)
+          f"jax {conv_s['jax']:.3f} s (XLA's direct convolutions {conv_s['jax_direct']:.3f} s)", flush=True)
 
     generator = torch.Generator().manual_seed(0)
     results["ddim_torch_s"] = best_of(

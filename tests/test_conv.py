@@ -1,6 +1,12 @@
-"""models.layers.conv_nhwc: PyTorch's convolution and gradients, in the NHWC form XLA:CPU runs fast inside loops."""
+"""models.layers.conv_nhwc: PyTorch's convolution and gradients, in the NHWC form XLA:CPU runs fast inside loops,
+and Winograd's F(2x2, 3x3) where it pays on CPUs (models.winograd)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from deme_jax.models import winograd
 from deme_jax.models.layers import NHWC, _nhwc_gradients, _xla_gradients, conv, conv_nhwc
+from deme_jax.models.winograd import winograd_conv3x3, winograd_pays
 
 GEOMETRIES = [  # (height, width, kernel, stride, padding)
     (16, 16, 3, 1, ((1, 1), (1, 1))),  # conv3x3
@@ -83,3 +91,88 @@ def test_layers_use_it_and_refuse_what_it_does_not_compute():
         conv_nhwc(x, jnp.ones((3, 3, 4, 8)), (1, 1), "SAME", rhs_dilation=(2, 2))
     with pytest.raises(ValueError, match="undilated, ungrouped"):
         conv_nhwc(x, jnp.ones((3, 3, 2, 8)), (1, 1), "SAME", feature_group_count=2)
+
+
+def convolution_hlo(fn, *args) -> list[str]:
+    return re.findall(r"convolution\(", jax.jit(fn).lower(*args).compile().as_text())
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("batch,height,width,pads,chunk_bytes", [
+    (3, 16, 16, ((1, 1), (1, 1)), None),  # one chunk
+    (6, 16, 16, ((1, 1), (1, 1)), 16 * 64 * 24 * 4 * 2),  # three chunks of two images
+    (4, 15, 9, ((1, 1), (1, 1)), 1),  # odd sizes (half tiles cropped), one image per chunk
+    (2, 12, 10, ((2, 0), (0, 1)), None),  # asymmetric padding
+    (2, 10, 12, ((0, 0), (2, 2)), None),  # a VALID convolution's input-gradient padding
+])
+def test_winograd_is_as_close_to_float64_as_the_direct_convolution(batch, height, width, pads, chunk_bytes,
+                                                                    monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(height * width)
+    x = rng.standard_normal((batch, height, width, 24)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 24, 20)).astype(np.float32)
+    out_shape = (batch, height + sum(pads[0]) - 2, width + sum(pads[1]) - 2, 20)
+    want = torch_reference(x, kernel, 1, pads, np.zeros(out_shape, np.float32))[0]
+    got = np.asarray(winograd_conv3x3(x, kernel, pads))
+    direct = np.asarray(jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC))
+    assert got.shape == want.shape == out_shape
+    # The transforms' coefficients are 0, +-1 and +-1/2: the rounding error is of the direct convolution's order
+    # (sums of 216 products of unit normals, ~1e-6 of the output's scale), far below a wrong tile or offset (~1).
+    assert np.abs(got - want).max() <= max(4 * np.abs(direct - want).max(), 1e-6 * np.abs(want).max())
+
+
+@pytest.mark.reference
+def test_conv_nhwc_runs_winograd_where_it_pays_with_pytorchs_values_and_gradients():
+    """On CPUs: the forward and the input gradient of a 3x3 stride-1 convolution with enough channels and tiles
+    run as Winograd (no convolution left in the compiled forward; only the kernel gradient's in the backward)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 32, 32, 64)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 64, 64)) / 24).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    assert winograd_pays(x.shape, kernel.shape, (1, 1), pads, x.dtype)
+    out, vjp = jax.vjp(lambda x, k: conv_nhwc(x, k, (1, 1), pads), x, kernel)
+    cotangent = rng.standard_normal(out.shape).astype(np.float32)
+    for got, want in zip((out, *vjp(cotangent)), torch_reference(x, kernel, 1, pads, cotangent)):
+        # float32 sums of 576 (output, input gradient) to 4096 (kernel gradient) products against float64.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    if jax.default_backend() == "cpu":
+        assert convolution_hlo(lambda x, k: conv_nhwc(x, k, (1, 1), pads), x, kernel) == []
+        gradients = jax.grad(lambda x, k: (conv_nhwc(x, k, (1, 1), pads) ** 2).sum(), (0, 1))
+        assert len(convolution_hlo(gradients, x, kernel)) == 1
+        # Too few channels: the direct convolution.
+        assert not winograd_pays(x.shape, (3, 3, 64, 32), (1, 1), pads, x.dtype)
+        assert len(convolution_hlo(lambda x, k: conv_nhwc(x, k, (1, 1), pads), x, kernel[..., :32])) == 1
+
+
+SHARDED_WINOGRAD = """
+import json
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from deme_jax.models import winograd
+
+winograd.CHUNK_BYTES = 1  # as few images per chunk as keep the batch sharded: two chunks of four
+rng = np.random.default_rng(0)
+x = rng.standard_normal((8, 16, 16, 8)).astype(np.float32)
+kernel = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+pads = ((1, 1), (1, 1))
+convolve = jax.jit(lambda x, k: winograd.winograd_conv3x3(x, k, pads))
+batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+sharded = convolve(jax.device_put(x, batch), kernel)
+direct = jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(json.dumps({"devices": len(sharded.sharding.device_set), "spec": str(sharded.sharding.spec),
+                  "vs_one_device": float(np.abs(np.asarray(sharded) - np.asarray(convolve(x, kernel))).max()),
+                  "vs_direct": float(np.abs(np.asarray(sharded) - np.asarray(direct)).max())}))
+"""
+
+
+def test_winograd_on_a_batch_sharded_over_devices_computes_the_one_device_result():
+    """Four forced CPU devices, the batch split over them, in chunks: the result stays split, with the values of one
+    device's."""
+    proc = subprocess.run([sys.executable, "-c", SHARDED_WINOGRAD], cwd=Path(__file__).parents[1],
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and "data" in result["spec"]
+    assert result["vs_one_device"] <= 1e-5 and result["vs_direct"] <= 1e-4
