@@ -34,19 +34,17 @@ def winograd_pays(x_shape, kernel_shape, strides, pads, dtype) -> bool:
             and x_shape[0] * rows * cols >= MIN_TILES)
 
 
-def _combine(matrix, parts):
-    """``matrix @ parts`` for a small constant matrix and a list of arrays, as sums: zeros and ones cost nothing."""
-    out = []
-    for row in matrix:
-        terms = [part if c == 1 else -part if c == -1 else part * np.float32(c) for c, part in zip(row, parts) if c]
-        out.append(sum(terms[1:], terms[0]))
-    return out
-
-
 def _sandwich(matrix, grid):
-    """``matrix @ grid @ matrix.T`` for a grid (list of rows) of arrays."""
-    columns = [_combine(matrix, list(column)) for column in zip(*grid)]
-    return [_combine(matrix, list(row)) for row in zip(*columns)]
+    """``matrix @ grid @ matrix.T`` for a small constant matrix and a grid (list of rows) of arrays, each entry one
+    sum of the grid's entries (zeros skipped), so that XLA fuses a whole transform into one pass over memory."""
+    out = []
+    for row_i in matrix:
+        out.append([])
+        for row_j in matrix:
+            terms = [(a * b, grid[i][j]) for i, a in enumerate(row_i) for j, b in enumerate(row_j) if a * b]
+            parts = [part if c == 1 else -part if c == -1 else part * np.float32(c) for c, part in terms]
+            out[-1].append(sum(parts[1:], parts[0]))
+    return out
 
 
 def _convolve(x, transformed_kernel, pads, tiles):
