@@ -131,6 +131,10 @@ def test_conv_nhwc_runs_winograd_where_it_pays_with_pytorchs_values_and_gradient
     kernel = (rng.standard_normal((3, 3, 64, 64)) / 24).astype(np.float32)
     pads = ((1, 1), (1, 1))
     assert winograd_pays(x.shape, kernel.shape, (1, 1), pads, x.dtype)
+    assert winograd_pays((2, 64, 64, 320), (3, 3, 320, 320), (1, 1), pads, np.float32)  # SD 1.5's UNet, CFG batch
+    for size, channels in ((256, 256), (512, 128)):  # SD 1.5's VAE decoder: memory-bound as Winograd
+        assert not winograd_pays((1, size, size, channels), (3, 3, channels, channels), (1, 1), pads, np.float32)
+    assert not winograd_pays(x.shape, kernel.shape, (1, 1), pads, jnp.bfloat16)
     out, vjp = jax.vjp(lambda x, k: conv_nhwc(x, k, (1, 1), pads), x, kernel)
     cotangent = rng.standard_normal(out.shape).astype(np.float32)
     for got, want in zip((out, *vjp(cotangent)), torch_reference(x, kernel, 1, pads, cotangent)):

@@ -177,7 +177,10 @@ def conv_nhwc(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None,
     60x slower (jaxlib 0.10.2; 10 3x3 convolutions, batch 32, 16x16x64: 7.2 s
     against 0.12 s). On CPUs the gradients are written in that form here
     (bit-identical to JAX's); other backends keep JAX's own, which cuDNN maps
-    to its backward kernels. ``dimension_numbers`` are ``nn.Conv``'s NHWC ones.
+    to its backward kernels. On CPUs, too, 3x3 stride-1 float32 convolutions
+    and their input gradients run as Winograd's F(2x2, 3x3) where that is
+    faster (``models.winograd``). ``dimension_numbers`` are ``nn.Conv``'s NHWC
+    ones.
     """
     if {tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1))} != {(1, 1)} or feature_group_count != 1:
         raise ValueError("conv_nhwc computes undilated, ungrouped convolutions only")

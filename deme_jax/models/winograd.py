@@ -24,14 +24,31 @@ MIN_CHANNELS = 64  # with fewer input or output channels the direct convolution 
 MIN_TILES = 1024  # with fewer output tiles per call (batch x tile rows x tile columns), likewise
 
 
+def _tiles(size, pads) -> tuple[int, int]:
+    """Output tile rows and columns of an input of ``size`` (height, width) padded by ``pads``."""
+    return tuple(-(-(n + lo + hi - 2) // 2) for n, (lo, hi) in zip(size, pads))
+
+
+def _image_bytes(tiles, channels, dtype) -> int:
+    """One image's transformed tiles (or products, whichever has more channels)."""
+    return 16 * tiles[0] * tiles[1] * channels * jnp.dtype(dtype).itemsize
+
+
 def winograd_pays(x_shape, kernel_shape, strides, pads, dtype) -> bool:
-    """Whether ``winograd_conv3x3`` applies and beats XLA:CPU's direct convolution (float32; measured on the
-    CIFAR-10, demo and SD 1.5 UNets' shapes: up to 1.9x faster above the thresholds, up to 1.9x slower below)."""
-    (height, width), (in_channels, out_channels) = x_shape[1:3], kernel_shape[2:]
-    rows, cols = [-(-(n + lo + hi - 2) // 2) for n, (lo, hi) in zip((height, width), pads)]
+    """Whether ``winograd_conv3x3`` applies and beats XLA:CPU's direct convolution.
+
+    Measured in float32 on the CIFAR-10, demo and SD 1.5 models' shapes (2-core
+    CPU): up to 2.3x faster inside these bounds, up to 2.7x slower outside them.
+    Too few channels or tiles leave the matmuls too small; an image whose
+    transformed tiles outgrow ``CHUNK_BYTES`` per 64 channels is memory-bound
+    (the VAE decoder's 256x256 and 512x512 layers, 1.2-1.8x slower).
+    """
+    channels = min(kernel_shape[2:])
+    tiles = _tiles(x_shape[1:3], pads)
     return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and dtype == jnp.float32
-            and min(p for pair in pads for p in pair) >= 0 and min(in_channels, out_channels) >= MIN_CHANNELS
-            and x_shape[0] * rows * cols >= MIN_TILES)
+            and min(p for pair in pads for p in pair) >= 0 and channels >= MIN_CHANNELS
+            and x_shape[0] * tiles[0] * tiles[1] >= MIN_TILES
+            and _image_bytes(tiles, max(kernel_shape[2:]), dtype) <= CHUNK_BYTES * (channels // MIN_CHANNELS))
 
 
 def _sandwich(matrix, grid):
@@ -62,14 +79,13 @@ def _convolve(x, transformed_kernel, pads, tiles):
 def winograd_conv3x3(x, kernel, pads):
     """``lax.conv_general_dilated`` of NHWC ``x`` with an HWIO 3x3 ``kernel``, stride 1, non-negative ``pads``."""
     batch, height, width, _ = x.shape
-    out_height, out_width = [n + lo + hi - 2 for n, (lo, hi) in zip((height, width), pads)]
-    tiles = (-(-out_height // 2), -(-out_width // 2))
+    tiles = _tiles((height, width), pads)
     transformed_kernel = jnp.stack([u for row in _sandwich(KERNEL, [list(r) for r in kernel]) for u in row])
-    image_bytes = 16 * tiles[0] * tiles[1] * max(kernel.shape[2:]) * x.dtype.itemsize
+    image_bytes = _image_bytes(tiles, max(kernel.shape[2:]), x.dtype)
     # Chunks of a multiple of the device count keep a batch sharded over the devices sharded (XLA gathers it else).
-    step = jax.device_count() if batch % jax.device_count() == 0 else 1
-    limit = max(CHUNK_BYTES, step * image_bytes)
-    chunk = max(d for d in range(step, batch + 1, step) if batch % d == 0 and d * image_bytes <= limit)
+    every = jax.device_count() if batch % jax.device_count() == 0 else 1
+    limit = max(CHUNK_BYTES, every * image_bytes)
+    chunk = max(d for d in range(every, batch + 1, every) if batch % d == 0 and d * image_bytes <= limit)
     if chunk == batch:
         y = _convolve(x, transformed_kernel, pads, tiles)
     else:
@@ -82,4 +98,4 @@ def winograd_conv3x3(x, kernel, pads):
             return jax.lax.dynamic_update_index_in_dim(y, _convolve(part, transformed_kernel, pads, tiles), j, axis=1)
 
         y = jax.lax.fori_loop(0, batch // chunk, step, y).reshape(batch, *y.shape[2:])
-    return y[:, :out_height, :out_width]
+    return y[:, :height + sum(pads[0]) - 2, :width + sum(pads[1]) - 2]
