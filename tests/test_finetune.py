@@ -60,6 +60,7 @@ def stacked_run(pretrained, tmp_path_factory):
     return workdir, state
 
 
+@pytest.mark.slow  # a second whole finetune run, 40 s
 def test_stacked_and_sequential_modes_give_the_same_replicas(pretrained, stacked_run, tmp_path):
     workdir, stacked = stacked_run
     sequential = finetune(tiny_config(pretrained, mode="sequential"), tmp_path)
