@@ -8,8 +8,9 @@ threads as cores; JAX runs one jitted call (the forward) and one compiled
 ``lax.scan`` (the DDIM run), timed after a warm-up call that compiles. The
 forward's convolutions are also timed one by one on both sides (same shapes,
 each the median of a few calls; ours also as XLA's direct convolution): their
-sum bounds what any forward can reach while the convolutions run at that speed. Results go to
-``benchmarks/results/unet_ddim-<platform>.json`` with the machine and versions.
+sum bounds what any forward can reach while the convolutions run at that
+speed. Results go to ``benchmarks/results/unet_ddim-<platform>.json`` with the
+machine and versions.
 """
 
 from __future__ import annotations
